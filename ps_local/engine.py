@@ -1,0 +1,225 @@
+"""The llama.cpp engine: the only module that imports llama_cpp.
+
+It talks to llama.cpp's C API directly (not the high-level ``Llama`` class, whose
+``n_tokens`` bookkeeping fights low-level cache edits). Sequences live in one unified KV
+cache, so branching at a resample index is ``seq_rm`` + ``seq_cp`` of cached cells: the
+prompt and the kept prefix are never evaluated again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import deque
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import llama_cpp.llama_cpp as llama
+
+from .protocol import DecodeRequest
+
+
+class EngineError(RuntimeError):
+    """llama.cpp refused something (a file it cannot load, a full cache, ...)."""
+
+
+_log_lines: deque[str] = deque(maxlen=50)
+
+
+@llama.llama_log_callback
+def _keep_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp writes to stderr even when asked to be quiet; keep its lines to explain failures.
+    _log_lines.append(text.decode("utf-8", errors="replace"))
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama.llama_log_set(_keep_log, ctypes.c_void_p(0))
+        llama.llama_backend_init()
+        _backend_ready = True
+
+
+def _last_error() -> str:
+    for line in reversed(_log_lines):
+        line = line.strip()
+        if line and ("error" in line.lower() or "failed" in line.lower()):
+            return line
+    return ""
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama.llama_supports_gpu_offload())
+
+
+class LlamaEngine:
+    """A GGUF model and, once :meth:`allocate` has run, a context with ``n_slots`` sequences."""
+
+    def __init__(self, model_path: str | os.PathLike[str], n_threads: int | None = None, n_gpu_layers: int = -1):
+        _init_backend()
+        self.path = Path(model_path)
+        self.n_threads = n_threads or os.cpu_count() or 1
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else (999 if supports_gpu_offload() else 0)
+        _log_lines.clear()
+        self.model = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            reason = _last_error() or "llama.cpp could not load it"
+            raise EngineError(f"cannot load model {self.path}: {reason}")
+        self.vocab = llama.llama_model_get_vocab(self.model)
+        self.n_vocab = int(llama.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(llama.llama_model_n_ctx_train(self.model))
+        self.ctx: ctypes.c_void_p | None = None
+        self.n_ctx = 0
+        self.n_batch = 0
+        self._lengths: list[int] = []
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+
+    # -- vocabulary ----------------------------------------------------------------------
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Tokens as llama.cpp gives them by default: BOS added where the model asks for it.
+
+        ``special`` parses control-token text (needed after a chat template).
+        """
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        while True:
+            buffer = (llama.llama_token * capacity)()
+            count = llama.llama_tokenize(self.vocab, data, len(data), buffer, capacity, True, special)
+            if count >= 0:
+                return list(buffer[:count])
+            capacity = -count
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buffer = ctypes.create_string_buffer(64)
+            size = llama.llama_token_to_piece(self.vocab, token, buffer, 64, 0, False)
+            if size < 0:
+                buffer = ctypes.create_string_buffer(-size)
+                size = llama.llama_token_to_piece(self.vocab, token, buffer, -size, 0, False)
+            piece = buffer.raw[:size]
+            self._pieces[token] = piece
+        return piece
+
+    def is_end_of_generation(self, token: int) -> bool:
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama.llama_vocab_is_eog(self.vocab, token))
+        return eog
+
+    def metadata(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(4096)
+        size = llama.llama_model_meta_val_str(self.model, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", errors="replace") if size >= 0 else None
+
+    def chat_template(self) -> str | None:
+        template = llama.llama_model_chat_template(self.model, None)
+        return template.decode("utf-8", errors="replace") if template else None
+
+    # -- the KV cache --------------------------------------------------------------------
+
+    def allocate(self, n_ctx: int, n_slots: int) -> None:
+        """Create the context: ``n_ctx`` KV cells shared by ``n_slots`` sequences."""
+        self.close_context()
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = min(n_ctx, 2048)
+        params.n_ubatch = min(n_ctx, 512)
+        params.n_seq_max = n_slots
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads
+        params.kv_unified = True  # partial seq_cp between sequences needs one shared cache
+        params.swa_full = True  # sliding-window layers must keep every cell for seq_rm of a suffix
+        params.no_perf = True
+        _log_lines.clear()
+        ctx = llama.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise EngineError(f"cannot create a context of {n_ctx} tokens: {_last_error() or 'out of memory?'}")
+        self.ctx = ctx
+        self.memory = llama.llama_get_memory(ctx)
+        self.n_ctx = int(llama.llama_n_ctx(ctx))
+        self.n_batch = int(params.n_batch)
+        self._lengths = [0] * n_slots
+        self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
+
+    def length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def reset(self) -> None:
+        llama.llama_memory_clear(self.memory, True)
+        self._lengths = [0] * len(self._lengths)
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        if length > self._lengths[src]:
+            raise EngineError(f"slot {src} holds {self._lengths[src]} positions, cannot copy {length}")
+        llama.llama_memory_seq_rm(self.memory, dst, -1, -1)
+        if length > 0:
+            llama.llama_memory_seq_cp(self.memory, src, dst, 0, length)
+        self._lengths[dst] = length
+
+    def decode(self, requests: Sequence[DecodeRequest]) -> np.ndarray:
+        """Evaluate all requests in as few ``llama_decode`` calls as the batch size allows."""
+        if self.ctx is None:
+            raise EngineError("no context: call allocate() first")
+        rows = np.empty((len(requests), self.n_vocab), dtype=np.float32)
+        batch = self._batch
+        pending: list[tuple[int, int]] = []  # (row, index in batch) whose logits this batch yields
+        used = 0
+        for row, (slot, tokens) in enumerate(requests):
+            if not tokens:
+                raise EngineError("decode needs at least one token")
+            for offset, token in enumerate(tokens):
+                if used == self.n_batch:
+                    self._run(used, pending, rows)
+                    pending, used = [], 0
+                batch.token[used] = token
+                batch.pos[used] = self._lengths[slot]
+                batch.n_seq_id[used] = 1
+                batch.seq_id[used][0] = slot
+                last = offset == len(tokens) - 1
+                batch.logits[used] = last
+                if last:
+                    pending.append((row, used))
+                self._lengths[slot] += 1
+                used += 1
+        if used:
+            self._run(used, pending, rows)
+        return rows
+
+    def _run(self, used: int, pending: list[tuple[int, int]], rows: np.ndarray) -> None:
+        self._batch.n_tokens = used
+        status = llama.llama_decode(self.ctx, self._batch)
+        if status != 0:
+            detail = "the KV cache is full" if status == 1 else _last_error() or f"status {status}"
+            raise EngineError(f"llama_decode failed: {detail}")
+        for row, index in pending:
+            pointer = llama.llama_get_logits_ith(self.ctx, index)
+            rows[row] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close_context(self) -> None:
+        if self.ctx is not None:
+            llama.llama_batch_free(self._batch)
+            llama.llama_free(self.ctx)
+            self.ctx = None
+
+    def close(self) -> None:
+        self.close_context()
+        if self.model:
+            llama.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "LlamaEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

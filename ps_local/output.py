@@ -1,0 +1,77 @@
+"""What the CLI writes: JSON lines on stdout, a progress line and summaries on stderr."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from typing import Any, TextIO
+
+from .sampler import Progress
+from .settings import Sample
+
+
+def _json_safe(value: Any) -> Any:
+    # JSON has no inf/NaN; alpha may be inf (max-swap).
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def sample_record(sample: Sample) -> dict[str, Any]:
+    return {
+        "text": sample.text,
+        "tokens": sample.tokens,
+        "logprobs": sample.logprobs,
+        "prompt_token_ids": sample.prompt_token_ids,
+        "stats": {key: _json_safe(value) for key, value in asdict(sample.stats).items()},
+    }
+
+
+def sample_json(sample: Sample) -> str:
+    return json.dumps(sample_record(sample), ensure_ascii=False)
+
+
+def summary_line(sample: Sample) -> str:
+    stats = sample.stats
+    parts = [f"[sample {stats.chain}] {stats.method}"]
+    if stats.method == "power":
+        parts.append(f"alpha={stats.alpha:g} B={stats.block_size} N={stats.mcmc_steps}")
+    parts.append(f"{len(sample.tokens)} tokens ({stats.stop_reason})")
+    parts.append(f"{stats.tokens_decoded} decoded, {stats.tokens_reevaluated} re-evaluated")
+    if stats.acceptance_rate is not None:
+        parts.append(f"acceptance {stats.accepted}/{stats.mh_steps} ({stats.acceptance_rate:.0%})")
+    parts.append(f"{stats.wall_s:.1f} s, seed {stats.seed}")
+    return ", ".join(parts)
+
+
+class ProgressLine:
+    """One self-overwriting status line, for a terminal."""
+
+    def __init__(self, stream: TextIO, interval_s: float = 0.1):
+        self.stream = stream
+        self.interval_s = interval_s
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            return
+        self._last = now
+        rate = progress.tokens_decoded / progress.elapsed_s if progress.elapsed_s > 0 else 0.0
+        accepted = f"{progress.accepted}/{progress.proposals}" if progress.proposals else "0/0"
+        line = (
+            f"sample {progress.chain}: block {progress.block}/{progress.blocks}, "
+            f"MH step {progress.mh_step}/{progress.mh_steps}, accepted {accepted}, {rate:.1f} tok/s"
+        )
+        self.stream.write("\r\x1b[K" + line)
+        self.stream.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._shown = False

@@ -1,0 +1,48 @@
+"""The small engine protocol the sampler runs on (llama.cpp or a numpy toy model)."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+DecodeRequest = tuple[int, Sequence[int]]  # (slot, tokens to append to that slot)
+
+
+class Engine(Protocol):
+    """A model with a KV cache split into numbered slots (llama.cpp sequences).
+
+    Each slot holds a token sequence (prompt included) whose keys and values are cached.
+    """
+
+    n_vocab: int
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids as the model's own tokenizer gives them (BOS where the model asks for it)."""
+        ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for in generated text."""
+        ...
+
+    def is_end_of_generation(self, token: int) -> bool:
+        ...
+
+    def reset(self) -> None:
+        """Empty every slot."""
+        ...
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Make slot ``dst`` hold the first ``length`` cached positions of slot ``src``.
+
+        Nothing is evaluated: the cached keys and values are shared or copied.
+        """
+        ...
+
+    def decode(self, requests: Sequence[DecodeRequest]) -> np.ndarray:
+        """Append tokens to slots, all in one model evaluation.
+
+        Returns one row of raw logits per request: those predicting the token after the
+        last one appended to that slot.
+        """
+        ...

@@ -1,0 +1,104 @@
+"""Sampling settings and the results a sampler returns."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+METHODS = ("power", "low-temp", "standard", "greedy")
+DEFAULT_MAX_TOKENS = 3072
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything that decides how one sample is drawn.
+
+    ``method`` picks the sampler: ``power`` is block-wise Metropolis-Hastings on p^alpha;
+    the others are the baselines of the paper (plain decoding at temperature 1, 1/alpha, 0).
+    """
+
+    method: str = "power"
+    alpha: float = 4.0
+    block_size: int = 192
+    mcmc_steps: int = 10
+    max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS, shrunk to what the context fits
+    proposal_temp: float | None = None  # None: 1/alpha (1.0 when alpha is inf)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    early_rejection: bool = True
+    # Only the exactness tests switch this off, to show that dropping log n - log n'
+    # (as the reference code does) biases the chain.
+    length_term: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message for any setting that makes no sense."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if math.isnan(self.alpha) or self.alpha < 1:
+            raise ValueError(f"--alpha must be a number >= 1 (or inf), got {self.alpha}")
+        for name, value in (("--block-size", self.block_size), ("--max-tokens", self.max_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if self.mcmc_steps < 0:
+            raise ValueError(f"--mcmc-steps must be >= 0, got {self.mcmc_steps}")
+        if self.proposal_temp is not None and not (0 < self.proposal_temp < math.inf):
+            raise ValueError(f"--proposal-temp must be a positive finite number, got {self.proposal_temp}")
+        if any(s == "" for s in self.stop):
+            raise ValueError("--stop strings must not be empty")
+
+    @property
+    def temperature(self) -> float:
+        """Temperature of the token-level proposal (0 means greedy)."""
+        if self.method == "standard":
+            return 1.0
+        if self.method == "greedy":
+            return 0.0
+        if self.method == "low-temp":
+            return 0.0 if math.isinf(self.alpha) else 1.0 / self.alpha
+        if self.proposal_temp is not None:
+            return self.proposal_temp
+        # A zero-temperature proposal could never move a max-swap chain.
+        return 1.0 if math.isinf(self.alpha) else 1.0 / self.alpha
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.mcmc_steps if self.method == "power" else 0
+
+    @property
+    def token_budget(self) -> int:
+        return DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+
+    @property
+    def effective_block_size(self) -> int:
+        return self.block_size if self.method == "power" else self.token_budget
+
+
+@dataclass
+class SampleStats:
+    method: str
+    alpha: float
+    block_size: int
+    mcmc_steps: int
+    seed: int
+    chain: int = 0  # index among the -n independent chains; its RNG derives from (seed, chain)
+    mh_steps: int = 0
+    accepted: int = 0
+    acceptance_rate: float | None = None
+    tokens_decoded: int = 0
+    tokens_reevaluated: int = 0
+    prompt_tokens: int = 0
+    proposal_tokens: int = 0
+    early_rejections: int = 0
+    stop_reason: str = "length"  # length | eos | stop
+    wall_s: float = 0.0
+
+
+@dataclass
+class Sample:
+    """One finished sample: text, generated token ids and their base-model log p."""
+
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    stats: SampleStats
+    prompt_token_ids: list[int] = field(default_factory=list)
