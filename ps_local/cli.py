@@ -82,8 +82,11 @@ def cli() -> None:
 def generate(model: str, prompt: str | None, num_samples: int, as_json: bool, quiet: bool, **options: Any) -> None:
     """Sample a continuation of PROMPT (or standard input when PROMPT is - or absent).
 
+    MODEL is a path to a .gguf file, or "default" (Gemma 3 270M base, from ps-local[demo]).
+
     Only the generated text (or JSON) goes to stdout; progress and the summary go to stderr.
     """
+    from .models import resolve_model
     from .session import RuntimeOptions, Session  # loads llama.cpp: keep --help fast
 
     settings = settings_from(options)
@@ -113,7 +116,7 @@ def generate(model: str, prompt: str | None, num_samples: int, as_json: bool, qu
         if not quiet:
             click.echo(summary_line(result), err=True)
 
-    with Session(model, runtime) as session:
+    with Session(resolve_model(model), runtime) as session:
         session.generate(session.tokenize(text), settings, num_samples, progress=progress, on_sample=emit)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from collections import deque
 from pathlib import Path
 from typing import Sequence
@@ -45,11 +46,12 @@ def _init_backend() -> None:
         _backend_ready = True
 
 
-def _last_error() -> str:
-    for line in reversed(_log_lines):
-        line = line.strip()
-        if line and ("error" in line.lower() or "failed" in line.lower()):
-            return line
+def _first_error() -> str:
+    """The earliest error llama.cpp logged since the log was cleared: usually the root cause."""
+    for line in _log_lines:
+        if "error" in line.lower() or "failed" in line.lower():
+            message = line.strip().split("error loading model: ")[-1]
+            return re.sub(r"^\w+: ", "", message)  # drop the C function name
     return ""
 
 
@@ -69,7 +71,7 @@ class LlamaEngine:
         _log_lines.clear()
         self.model = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:
-            reason = _last_error() or "llama.cpp could not load it"
+            reason = _first_error() or "llama.cpp could not load it"
             raise EngineError(f"cannot load model {self.path}: {reason}")
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.n_vocab = int(llama.llama_vocab_n_tokens(self.vocab))
@@ -142,7 +144,7 @@ class LlamaEngine:
         _log_lines.clear()
         ctx = llama.llama_init_from_model(self.model, params)
         if not ctx:
-            raise EngineError(f"cannot create a context of {n_ctx} tokens: {_last_error() or 'out of memory?'}")
+            raise EngineError(f"cannot create a context of {n_ctx} tokens: {_first_error() or 'out of memory?'}")
         self.ctx = ctx
         self.memory = llama.llama_get_memory(ctx)
         self.n_ctx = int(llama.llama_n_ctx(ctx))
@@ -198,7 +200,7 @@ class LlamaEngine:
         self._batch.n_tokens = used
         status = llama.llama_decode(self.ctx, self._batch)
         if status != 0:
-            detail = "the KV cache is full" if status == 1 else _last_error() or f"status {status}"
+            detail = "the KV cache is full" if status == 1 else _first_error() or f"status {status}"
             raise EngineError(f"llama_decode failed: {detail}")
         for row, index in pending:
             pointer = llama.llama_get_logits_ith(self.ctx, index)

@@ -51,7 +51,7 @@ class Session:
         try:
             self.engine = LlamaEngine(path, n_threads=options.threads, n_gpu_layers=options.gpu_layers)
         except EngineError as error:
-            raise UserError(f"{error} (is the file a complete, uncorrupted GGUF?)") from None
+            raise UserError(str(error)) from None
         self._cells = 0
         self._slots = 0
 

@@ -1,0 +1,197 @@
+"""The command line contract, through a subprocess: stdout, stderr, exit codes."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FAST = ["--max-tokens", "8", "--block-size", "4", "--mcmc-steps", "3", "--threads", "2"]
+
+
+def ps_local(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "ps_local.cli", *args],
+        input=input if input is not None else b"",
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[bytes], fragment: str) -> None:
+    stderr = result.stderr.decode()
+    assert result.returncode != 0
+    assert result.stdout == b""
+    assert "Traceback" not in stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("ps-local: error: "), stderr
+    assert fragment in stderr, stderr
+
+
+def test_stdout_has_only_the_text(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes no", *FAST, "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.decode().removesuffix("\n")
+    assert re.fullmatch(r"(?: yes| no| maybe|!){1,8}", text), text
+    assert "power" in result.stderr.decode()  # the summary goes to stderr
+
+
+def test_quiet_silences_stderr(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes no", *FAST, "--quiet")
+    assert result.returncode == 0 and result.stderr == b"" and result.stdout.strip()
+
+
+@pytest.mark.parametrize("prompt_args", [["-"], []])
+def test_prompt_from_stdin(tiny_gguf, prompt_args):
+    by_stdin = ps_local("generate", str(tiny_gguf), *prompt_args, *FAST, "--seed", "3", "--json", input=b"maybe yes")
+    by_arg = ps_local("generate", str(tiny_gguf), "maybe yes", *FAST, "--seed", "3", "--json")
+    assert by_stdin.returncode == 0, by_stdin.stderr
+    assert json.loads(by_stdin.stdout)["prompt_token_ids"] == [1, 261, 259]
+    assert json.loads(by_stdin.stdout)["tokens"] == json.loads(by_arg.stdout)["tokens"]
+
+
+def test_json_lines_carry_the_fields(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes", *FAST, "--json", "-n", "3", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(records) == 3
+    assert sorted(r["stats"]["chain"] for r in records) == [0, 1, 2]
+    for record in records:
+        assert {"text", "tokens", "logprobs", "stats"} <= set(record)
+        assert len(record["tokens"]) == len(record["logprobs"]) <= 8
+        assert all(lp <= 1e-6 for lp in record["logprobs"])
+        stats = record["stats"]
+        for key in ("method", "alpha", "block_size", "mcmc_steps", "seed", "mh_steps", "accepted",
+                    "acceptance_rate", "tokens_decoded", "tokens_reevaluated", "wall_s"):
+            assert key in stats
+        assert stats["method"] == "power" and stats["seed"] == 5
+        assert stats["tokens_reevaluated"] == stats["mh_steps"]  # one re-decoded token per proposal
+        assert stats["tokens_decoded"] >= len(record["tokens"]) - 1
+
+
+def test_seed_reproduces_tokens(tiny_gguf):
+    runs = [ps_local("generate", str(tiny_gguf), "no", *FAST, "--json", "-n", "4", "--seed", seed)
+            for seed in ("7", "7", "8")]
+    tokens = [sorted(json.dumps(json.loads(line)["tokens"]) for line in r.stdout.decode().splitlines())
+              for r in runs]
+    assert tokens[0] == tokens[1]
+    assert tokens[0] != tokens[2]  # four 8-token samples: equal by chance with negligible probability
+
+
+@pytest.mark.parametrize("method", ["low-temp", "standard", "greedy"])
+def test_baselines(tiny_gguf, method):
+    result = ps_local("generate", str(tiny_gguf), "yes", *FAST, "--method", method, "--json")
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["method"] == method and stats["mh_steps"] == 0 and stats["tokens_reevaluated"] == 0
+
+
+def test_max_swap_and_block_larger_than_max_tokens(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes", "--alpha", "inf", "--max-tokens", "6",
+                      "--block-size", "100", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["stats"]["alpha"] == "inf"
+
+
+def test_stop_string_ends_the_sample(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes", "--max-tokens", "40", "--stop", " no",
+                      "--method", "standard", "-n", "6", "--json", "--seed", "2")
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    stopped = [r for r in records if r["stats"]["stop_reason"] == "stop"]
+    assert stopped, "with 'no' likely at every step, some sample must hit the stop string"
+    for record in stopped:
+        assert " no" not in record["text"] and record["tokens"][-1] == 260
+
+
+def test_gets_to_stdout_when_piped_to_head(tiny_gguf):
+    # A reader that goes away early must not cause a traceback.
+    shell = f"{sys.executable} -m ps_local.cli generate {tiny_gguf} yes {' '.join(FAST)} -n 20 | head -c 1"
+    result = subprocess.run(shell, shell=True, capture_output=True, timeout=120)
+    assert b"Traceback" not in result.stderr
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def test_missing_model_file(tmp_path):
+    assert_one_line_error(ps_local("generate", str(tmp_path / "nope.gguf"), "yes"), "not found")
+
+
+def test_not_a_gguf(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_text("just text\n")
+    assert_one_line_error(ps_local("generate", str(path), "yes"), "not a GGUF")
+
+
+@pytest.mark.parametrize("keep_bytes", [40, 20000])
+def test_truncated_gguf(tmp_path, tiny_gguf, keep_bytes):
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(tiny_gguf.read_bytes()[:keep_bytes])
+    assert_one_line_error(ps_local("generate", str(path), "yes"), str(path))
+
+
+@pytest.mark.parametrize(
+    "option, fragment",
+    [
+        (["--alpha", "0.5"], "--alpha"),
+        (["--alpha", "nan"], "--alpha"),
+        (["--block-size", "0"], "--block-size"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--mcmc-steps", "-1"], "--mcmc-steps"),
+        (["--proposal-temp", "0"], "--proposal-temp"),
+        (["-n", "0"], "--num-samples"),
+        (["--threads", "0"], "--threads"),
+        (["--ctx", "-5"], "--ctx"),
+        (["--method", "magic"], "--method"),
+        (["--no-such-option"], "no-such-option"),
+    ],
+)
+def test_bad_options(tiny_gguf, option, fragment):
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", *option), fragment)
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_empty_prompt(tiny_gguf, prompt):
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), prompt), "empty")
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), input=prompt.encode()), "empty")
+
+
+def test_invalid_utf8_on_stdin(tiny_gguf):
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "-", input=b"yes \xff\xfe"), "UTF-8")
+
+
+def test_prompt_longer_than_context(tiny_gguf):
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes " * 10, "--ctx", "8"), "does not fit")
+
+
+def test_max_tokens_beyond_explicit_context(tiny_gguf):
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--ctx", "16", "--max-tokens", "15"), "--ctx")
+
+
+def test_max_tokens_beyond_trained_context(tiny_gguf):
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--max-tokens", "5000"), "trained context")
+
+
+def test_default_max_tokens_shrinks_to_fit(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes no", "--ctx", "12", "--method", "greedy", "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert len(record["prompt_token_ids"]) + len(record["tokens"]) <= 12
+
+
+def test_ctrl_c_exits_130_without_traceback(tiny_gguf):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ps_local.cli", "generate", str(tiny_gguf), "yes", "--max-tokens", "3000",
+         "--mcmc-steps", "100000", "--quiet"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    time.sleep(3)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert b"Traceback" not in stderr and b"interrupted" in stderr
