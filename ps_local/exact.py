@@ -95,10 +95,47 @@ def total_variation(samples: Iterable[Sequence[int]], exact: ExactDistribution, 
     return 0.5 * (float(np.abs(empirical - probs).sum()) + outside)
 
 
-def noise_floor(probs: np.ndarray, draws: int, rng: np.random.Generator, repeats: int = 200) -> float:
-    """Median TV between ``draws`` exact samples from ``probs`` and ``probs`` itself."""
-    tvs = []
-    for _ in range(repeats):
-        empirical = rng.multinomial(draws, probs) / draws
-        tvs.append(0.5 * float(np.abs(empirical - probs).sum()))
-    return float(np.median(tvs))
+def exact_sample_tvs(probs: np.ndarray, draws: int, repeats: int = 4000, seed: int = 12345) -> np.ndarray:
+    """TV to ``probs`` of ``repeats`` simulated sets of ``draws`` exact samples: sampling noise alone."""
+    rng = np.random.default_rng(seed)
+    return 0.5 * np.abs(rng.multinomial(draws, probs, size=repeats) / draws - probs).sum(axis=1)
+
+
+def noise_floor(probs: np.ndarray, draws: int) -> float:
+    """Median TV of ``draws`` exact samples from ``probs``."""
+    return float(np.median(exact_sample_tvs(probs, draws)))
+
+
+def tv_bound(probs: np.ndarray, draws: int) -> float:
+    """A TV that ``draws`` exact samples stay under: the 99.9th percentile of the simulated
+    noise, and at least 3x its median. When a few sequences carry most of the mass the noise
+    has a long tail, so 3x the median alone would fail exact samplers a few percent of the time."""
+    tvs = exact_sample_tvs(probs, draws)
+    return float(max(np.quantile(tvs, 0.999), 3 * np.median(tvs)))
+
+
+def blockwise_limit(
+    engine: Engine, prompt: Sequence[int], max_tokens: int, block_size: int, alpha: float
+) -> tuple[ExactDistribution, np.ndarray]:
+    """What Algorithm 1 converges to with B < T_max and unboundedly many MH steps per block.
+
+    After block k the chain is distributed as pi_k = p^alpha over sequences of L_k tokens or
+    shorter ones ending in EOS. A sequence that ends in EOS stops the chain there, so the
+    result is a mixture: each block's EOS-ended sequences with the probability of stopping
+    in that block, then pi_K for the chains that reach the last block. It equals p^alpha
+    over the full space only when one block covers T_max.
+    """
+    from .sampler import block_ends  # the same block boundaries the sampler uses
+
+    final = enumerate_sequences(engine, prompt, max_tokens, alpha)
+    index = final.index()
+    limit = np.zeros(len(final.sequences))
+    still_running = 1.0
+    for end in block_ends(max_tokens, block_size)[:-1]:
+        block = enumerate_sequences(engine, prompt, end, alpha)
+        target = block.power(alpha)
+        for sequence, probability, ended in zip(block.sequences, target, block.ended):
+            if ended:
+                limit[index[sequence]] += still_running * probability
+        still_running *= 1.0 - float(target[block.ended].sum())
+    return final, limit + still_running * final.power(alpha)

@@ -48,7 +48,7 @@ def generated_token_ids() -> list[int]:
     return [2] + list(range(3 + 256, 3 + 256 + len(WORDS)))
 
 
-def write_tiny_gguf(path: Path, seed: int = 0, logit_scale: float = 0.45, chat_template: bool = False) -> Path:
+def write_tiny_gguf(path: Path, seed: int = 26, logit_scale: float = 1.0, chat_template: bool = False) -> Path:
     from gguf import GGUFWriter
 
     rng = np.random.default_rng(seed)
@@ -120,8 +120,8 @@ def write_tiny_gguf(path: Path, seed: int = 0, logit_scale: float = 0.45, chat_t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--logit-scale", type=float, default=0.45)
+    parser.add_argument("--seed", type=int, default=26)
+    parser.add_argument("--logit-scale", type=float, default=1.0)
     parser.add_argument("--chat-template", action="store_true", help="embed a small chat template")
     args = parser.parse_args()
     write_tiny_gguf(args.path, args.seed, args.logit_scale, args.chat_template)
