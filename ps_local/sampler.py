@@ -14,7 +14,7 @@ from typing import Callable, Generator, Sequence
 
 import numpy as np
 
-from .proposal import draw_token
+from .proposal import TokenDraw, TokenSampler
 from .protocol import DecodeRequest, Engine
 from .settings import Sample, SampleStats, SamplingSettings
 from .stops import StopMatcher
@@ -44,17 +44,27 @@ class Trajectory:
 
     The slot caches the prompt and the first ``cached`` generated tokens; the last sampled
     token is decoded only when the sequence grows, so a finished sequence costs nothing more.
+    Running sums of log p and of the MH weights make any suffix's score O(1).
     """
 
     slot: int
     tokens: list[int] = field(default_factory=list)
     logp: list[float] = field(default_factory=list)
-    log_weight: list[float] = field(default_factory=list)
+    cum_logp: list[float] = field(default_factory=lambda: [0.0])
+    cum_weight: list[float] = field(default_factory=lambda: [0.0])
     cached: int = 0
     end: str | None = None  # None, "eos" or "stop"
 
+    def append(self, draw: TokenDraw) -> None:
+        self.tokens.append(draw.token)
+        self.logp.append(draw.logp)
+        self.cum_logp.append(self.cum_logp[-1] + draw.logp)
+        self.cum_weight.append(self.cum_weight[-1] + draw.log_weight)
+
     def prefix(self, slot: int, keep: int) -> "Trajectory":
-        return Trajectory(slot, self.tokens[:keep], self.logp[:keep], self.log_weight[:keep], cached=keep)
+        return Trajectory(
+            slot, self.tokens[:keep], self.logp[:keep], self.cum_logp[: keep + 1], self.cum_weight[: keep + 1], keep
+        )
 
 
 def block_ends(max_tokens: int, block_size: int) -> list[int]:
@@ -85,6 +95,7 @@ class Chain:
         self.index = index
         self.progress = progress
         self.temperature = settings.temperature
+        self.token_sampler = TokenSampler(engine.n_vocab, self.temperature, settings.alpha)
         self.max_swap = math.isinf(settings.alpha)
         # log A <= bound holds while every per-token weight is <= 0: 1 <= 1/τ <= α.
         self.early_rejection = settings.early_rejection and (
@@ -136,11 +147,9 @@ class Chain:
                 next_logits = yield (trajectory.slot, pending)
                 trajectory.cached += len(pending)
                 self.stats.tokens_decoded += len(pending)
-            draw = draw_token(next_logits, self.temperature, self.settings.alpha, self.rng)
+            draw = self.token_sampler.draw(next_logits, self.rng)
             next_logits = None
-            trajectory.tokens.append(draw.token)
-            trajectory.logp.append(draw.logp)
-            trajectory.log_weight.append(draw.log_weight)
+            trajectory.append(draw)
             if self.engine.is_end_of_generation(draw.token):
                 trajectory.end = "eos"
             elif self.stops.completes_stop(trajectory.tokens):
@@ -196,8 +205,8 @@ class Chain:
         return current
 
     def _suffix_score(self, trajectory: Trajectory, keep: int) -> float:
-        values = trajectory.logp if self.max_swap else trajectory.log_weight
-        return math.fsum(values[keep:])
+        sums = trajectory.cum_logp if self.max_swap else trajectory.cum_weight
+        return sums[-1] - sums[keep]
 
     def _length_term(self, log_n: float, proposal_length: int) -> float:
         return log_n - math.log(proposal_length) if self.settings.length_term else 0.0

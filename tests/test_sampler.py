@@ -30,6 +30,19 @@ def test_draw_token_samples_the_tempered_softmax(temperature):
     assert np.all(np.abs(counts / draws - expected) <= 5 * np.sqrt(expected * (1 - expected) / draws) + 1e-9)
 
 
+def test_draw_token_across_blocks_of_a_large_vocabulary():
+    rng = np.random.default_rng(7)
+    logits = np.full(1300, -2.0, dtype=np.float32)  # three sampling blocks of 512, the last partial
+    logits[[10, 600, 1299]] = [3.0, 3.5, 2.5]
+    draws = 20000
+    tokens = np.array([draw_token(logits, 1.0, 4.0, rng).token for _ in range(draws)])
+    probs = np.exp(logits.astype(np.float64)) / np.exp(logits.astype(np.float64)).sum()
+    for token in (10, 600, 1299):
+        observed = (tokens == token).mean()
+        assert abs(observed - probs[token]) <= 5 * np.sqrt(probs[token] * (1 - probs[token]) / draws)
+    assert tokens.max() < 1300  # never a padding entry
+
+
 def test_draw_token_reports_log_p_and_the_log_z_identity():
     rng = np.random.default_rng(1)
     logits = np.array([0.5, 1.5, -1.0, 2.5], dtype=np.float32)
