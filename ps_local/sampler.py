@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
@@ -19,7 +19,8 @@ from .protocol import DecodeRequest, Engine
 from .settings import Sample, SampleStats, SamplingSettings
 from .stops import StopMatcher
 
-ChainRun = Generator[DecodeRequest, np.ndarray, Sample]
+# A chain yields the decode requests it needs next and receives one logits row for each.
+ChainRun = Generator[list[DecodeRequest], Sequence[np.ndarray], Any]
 
 
 @dataclass
@@ -71,25 +72,45 @@ def block_ends(max_tokens: int, block_size: int) -> list[int]:
     return [min(k * block_size, max_tokens) for k in range(1, math.ceil(max_tokens / block_size) + 1)]
 
 
+@dataclass
+class Move:
+    """One MH proposal in flight: its trajectory, resample point and uniform draw."""
+
+    proposal: Trajectory
+    keep: int  # tokens kept before the resample index
+    log_u: float
+    current_score: float  # the current sequence's suffix score from the same index
+    pending: list[int]  # tokens to decode before the next draw
+    state: str = "running"  # running | finished | hopeless (certainly rejected)
+
+
 class Chain:
-    """One independent Markov chain (or one plain decode, for the baselines)."""
+    """One independent Markov chain (or one plain decode, for the baselines).
+
+    MH steps are taken in rounds: ``width`` proposals are drawn from the current state and
+    decoded together in one batch, then used in order while they are rejected; the first
+    accepted one ends the round and the rest are discarded. Each proposal is an independent
+    draw from the state it is used in, so the chain is exactly the sequential one.
+    """
 
     def __init__(
         self,
         engine: Engine,
         settings: SamplingSettings,
         prompt: Sequence[int],
-        slots: tuple[int, int],
+        slots: Sequence[int],
         seed: int,
         chain_seed: int,
         stop_matcher: StopMatcher,
         index: int = 0,
         progress: ProgressCallback | None = None,
+        max_round_width: int = 1,
     ):
         self.engine = engine
+        self.max_round_width = max_round_width
         self.settings = settings
         self.prompt = list(prompt)
-        self.slots = slots
+        self.slots = list(slots)  # the first holds the initial sequence; 1 + max round width
         self.rng = np.random.default_rng(chain_seed)
         self.stops = stop_matcher
         self.index = index
@@ -115,94 +136,122 @@ class Chain:
     # -- the chain ---------------------------------------------------------------------
 
     def run(self, prompt_logits: np.ndarray) -> ChainRun:
-        """Algorithm 1. ``prompt_logits`` predict the first generated token; both slots
-        already hold the prompt."""
+        """Algorithm 1. ``prompt_logits`` predict the first generated token; every slot
+        already holds the prompt."""
         settings = self.settings
         current = Trajectory(self.slots[0], cached=0)
         ends = block_ends(settings.token_budget, settings.effective_block_size)
         next_logits: np.ndarray | None = prompt_logits
         for block, limit in enumerate(ends, start=1):
-            yield from self._grow(current, limit, next_logits)
+            yield from self._extend(current, limit, next_logits)
             next_logits = None
-            for step in range(1, settings.steps_per_block + 1):
-                current = yield from self._mh_step(current, limit)
-                self._report(block, len(ends), step)
+            steps = 0
+            while steps < settings.steps_per_block:
+                current, used = yield from self._mh_round(current, limit, settings.steps_per_block - steps)
+                steps += used
+                self._report(block, len(ends), steps)
             if current.end is not None:
                 break
-            self._report(block, len(ends), settings.steps_per_block)
         return self._finish(current)
 
-    def _grow(
-        self,
-        trajectory: Trajectory,
-        limit: int,
-        next_logits: np.ndarray | None = None,
-        keep_going: Callable[[Trajectory], bool] | None = None,
-    ) -> Generator[DecodeRequest, np.ndarray, bool]:
-        """Sample tokens from the proposal until ``limit`` tokens, an end, or until
-        ``keep_going`` says no (then returns False)."""
+    def _extend(self, trajectory: Trajectory, limit: int, next_logits: np.ndarray | None) -> ChainRun:
+        """Grow the current sequence from the proposal until ``limit`` tokens or an end."""
         while len(trajectory.tokens) < limit and trajectory.end is None:
             if next_logits is None:
                 pending = trajectory.tokens[trajectory.cached :]
-                next_logits = yield (trajectory.slot, pending)
+                (next_logits,) = yield [(trajectory.slot, pending)]
                 trajectory.cached += len(pending)
                 self.stats.tokens_decoded += len(pending)
-            draw = self.token_sampler.draw(next_logits, self.rng)
+            self._append(trajectory, next_logits)
             next_logits = None
-            trajectory.append(draw)
-            if self.engine.is_end_of_generation(draw.token):
-                trajectory.end = "eos"
-            elif self.stops.completes_stop(trajectory.tokens):
-                trajectory.end = "stop"
-            elif keep_going is not None and not keep_going(trajectory):
-                return False
-        return True
 
-    def _mh_step(self, current: Trajectory, limit: int) -> Generator[DecodeRequest, np.ndarray, Trajectory]:
-        """One Metropolis-Hastings move: resample from a uniform index, accept with min(1, A)."""
+    def _append(self, trajectory: Trajectory, logits: np.ndarray) -> None:
+        draw = self.token_sampler.draw(logits, self.rng)
+        trajectory.append(draw)
+        if self.engine.is_end_of_generation(draw.token):
+            trajectory.end = "eos"
+        elif self.stops.completes_stop(trajectory.tokens):
+            trajectory.end = "stop"
+
+    def _round_width(self, steps_left: int) -> int:
+        """How many proposals to decode together: about the expected number of rejections
+        before an acceptance (1 / acceptance rate), so that few are wasted."""
+        if self.max_round_width <= 1:
+            return 1
+        acceptance = (self.stats.accepted + 1) / (self.stats.mh_steps + 2)
+        return max(1, min(int(1 / acceptance), self.max_round_width, steps_left))
+
+    def _mh_round(self, current: Trajectory, limit: int, steps_left: int) -> ChainRun:
+        """Up to ``steps_left`` MH steps from ``current``; returns (new current, steps used)."""
         n = len(current.tokens)
-        resample_index = int(self.rng.integers(1, n + 1))  # 1-based, as in the paper
-        keep = resample_index - 1
-        # Drawn before the proposal so that decoding can stop once rejection is certain.
-        log_u = math.log(self.rng.random() or 5e-324)
-        current_score = self._suffix_score(current, keep)
         log_n = math.log(n)
-
-        proposal = current.prefix(self.slots[1] if current.slot == self.slots[0] else self.slots[0], keep)
-        # The cache keeps keys and values, not logits: re-decode the token before the
-        # resample index to get the logits that predict it.
         history = self.prompt + current.tokens
-        branch_position = len(self.prompt) + keep - 1
-        self.engine.copy_prefix(current.slot, proposal.slot, branch_position)
-        next_logits = yield (proposal.slot, [history[branch_position]])
-        self.stats.tokens_decoded += 1
-        self.stats.tokens_reevaluated += 1
+        free = [slot for slot in self.slots if slot != current.slot]
+        moves = []
+        for slot in free[: self._round_width(steps_left)]:
+            keep = int(self.rng.integers(1, n + 1)) - 1  # resample index m = keep + 1, uniform
+            # Drawn before the proposal so that decoding can stop once rejection is certain.
+            log_u = math.log(self.rng.random() or 5e-324)
+            # The cache keeps keys and values, not logits: branch before x_{m-1} and decode
+            # that one token again to get the logits that predict x_m.
+            branch_position = len(self.prompt) + keep - 1
+            self.engine.copy_prefix(current.slot, slot, branch_position)
+            proposal = current.prefix(slot, keep)
+            proposal.cached = keep - 1  # until the re-decoded token is in
+            moves.append(Move(proposal, keep, log_u, self._suffix_score(current, keep), [history[branch_position]]))
+            self.stats.tokens_reevaluated += 1
 
-        def may_still_accept(candidate: Trajectory) -> bool:
-            score = self._suffix_score(candidate, keep)
-            if self.max_swap:
-                return score > current_score  # log p only falls as the proposal grows
-            bound = score - current_score + self._length_term(log_n, len(candidate.tokens))
-            # The slack absorbs float rounding in weights that are <= 0 only mathematically.
-            return bound + 1e-9 > log_u
+        used = 0
+        while True:
+            # Decide moves in order; the first acceptance ends the round.
+            while used < len(moves) and moves[used].state != "running":
+                move = moves[used]
+                used += 1
+                self._count(move)
+                if move.state == "finished" and self._accepts(move, log_n):
+                    self.stats.accepted += 1
+                    for discarded in moves[used:]:
+                        self.stats.discarded_tokens += len(discarded.proposal.tokens) - discarded.keep
+                    return move.proposal, used
+            if used == len(moves):
+                return current, used
+            running = [move for move in moves[used:] if move.state == "running"]
+            rows = yield [(move.proposal.slot, move.pending) for move in running]
+            for move, row in zip(running, rows):
+                self._advance_move(move, row, limit, log_n)
 
-        keep_going = may_still_accept if self.early_rejection else None
-        finished = yield from self._grow(proposal, limit, next_logits, keep_going)
-        self.stats.mh_steps += 1
-        self.stats.proposal_tokens += len(proposal.tokens) - keep
-        if not finished:
-            self.stats.early_rejections += 1
-            return current
-        proposal_score = self._suffix_score(proposal, keep)
+    def _advance_move(self, move: Move, logits: np.ndarray, limit: int, log_n: float) -> None:
+        proposal = move.proposal
+        proposal.cached += len(move.pending)
+        self.stats.tokens_decoded += len(move.pending)
+        self._append(proposal, logits)
+        move.pending = [proposal.tokens[-1]]
+        if proposal.end is not None or len(proposal.tokens) >= limit:
+            move.state = "finished"
+        elif self.early_rejection and not self._may_accept(move, log_n):
+            move.state = "hopeless"
+
+    def _may_accept(self, move: Move, log_n: float) -> bool:
+        """Whether the move can still be accepted, whatever tokens would follow."""
+        score = self._suffix_score(move.proposal, move.keep)
         if self.max_swap:
-            accept = proposal_score > current_score
-        else:
-            log_accept = proposal_score - current_score + self._length_term(log_n, len(proposal.tokens))
-            accept = log_u < log_accept
-        if accept:
-            self.stats.accepted += 1
-            return proposal
-        return current
+            return score > move.current_score  # log p only falls as the proposal grows
+        bound = score - move.current_score + self._length_term(log_n, len(move.proposal.tokens))
+        # The slack absorbs float rounding in weights that are <= 0 only mathematically.
+        return bound + 1e-9 > move.log_u
+
+    def _accepts(self, move: Move, log_n: float) -> bool:
+        proposal_score = self._suffix_score(move.proposal, move.keep)
+        if self.max_swap:
+            return proposal_score > move.current_score
+        log_accept = proposal_score - move.current_score + self._length_term(log_n, len(move.proposal.tokens))
+        return move.log_u < log_accept
+
+    def _count(self, move: Move) -> None:
+        self.stats.mh_steps += 1
+        self.stats.proposal_tokens += len(move.proposal.tokens) - move.keep
+        if move.state == "hopeless":
+            self.stats.early_rejections += 1
 
     def _suffix_score(self, trajectory: Trajectory, keep: int) -> float:
         sums = trajectory.cum_logp if self.max_swap else trajectory.cum_weight
@@ -251,19 +300,27 @@ def chain_seeds(seed: int, count: int) -> list[int]:
     return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(count)]
 
 
+def slots_per_chain(settings: SamplingSettings, max_round_width: int) -> int:
+    """Engine slots one chain uses: its sequence, plus one per proposal in a round."""
+    return 1 + max_round_width if settings.steps_per_block else 1
+
+
 def sample(
     engine: Engine,
     prompt: Sequence[int],
     settings: SamplingSettings,
     num_samples: int = 1,
     chains_per_batch: int = 8,
+    max_round_width: int = 1,
     progress: ProgressCallback | None = None,
     on_sample: Callable[[int, Sample], None] | None = None,
 ) -> list[Sample]:
     """Draw ``num_samples`` independent samples; chains advance together in batches.
 
-    The engine must have ``1 + 2 * min(num_samples, chains_per_batch)`` slots: slot 0
-    keeps the prompt, each running chain owns two (current and proposal).
+    The engine needs ``1 + chains * slots_per_chain(...)`` slots, chains being
+    ``min(num_samples, chains_per_batch)``: slot 0 keeps the prompt. ``max_round_width``
+    proposals per chain may be decoded together (a speed setting: the output distribution
+    is the same for every width).
     """
     settings.validate()
     if not prompt:
@@ -271,39 +328,45 @@ def sample(
     seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
     seeds = chain_seeds(seed, num_samples)
     stop_matcher = StopMatcher(settings.stop, engine.token_bytes)
+    per_chain = slots_per_chain(settings, max_round_width)
     engine.reset()
     (prompt_logits,) = engine.decode([(0, list(prompt))])
     results: list[Sample | None] = [None] * num_samples
     for first in range(0, num_samples, chains_per_batch):
-        indices = range(first, min(first + chains_per_batch, num_samples))
         runs: dict[int, ChainRun] = {}
-        requests: dict[int, DecodeRequest] = {}
-        for offset, index in enumerate(indices):
-            slots = (1 + 2 * offset, 2 + 2 * offset)
+        for offset, index in enumerate(range(first, min(first + chains_per_batch, num_samples))):
+            slots = [1 + per_chain * offset + k for k in range(per_chain)]
             for slot in slots:
                 engine.copy_prefix(0, slot, len(prompt))
-            chain = Chain(engine, settings, prompt, slots, seed, seeds[index], stop_matcher, index, progress)
+            chain = Chain(
+                engine, settings, prompt, slots, seed, seeds[index], stop_matcher, index, progress, max_round_width
+            )
             runs[index] = chain.run(prompt_logits.copy())
-        _advance(runs, requests, {index: None for index in runs}, results, on_sample)
+        requests = _advance(runs, {index: None for index in runs}, results, on_sample)
         while requests:
-            order = list(requests)
-            rows = engine.decode([requests[index] for index in order])
-            _advance(runs, requests, dict(zip(order, rows)), results, on_sample)
+            flat = [request for index in requests for request in requests[index]]
+            rows = engine.decode(flat)
+            replies, offset = {}, 0
+            for index, wanted in requests.items():
+                replies[index] = rows[offset : offset + len(wanted)]
+                offset += len(wanted)
+            requests = _advance(runs, replies, results, on_sample)
     return [r for r in results if r is not None]
 
 
 def _advance(
     runs: dict[int, ChainRun],
-    requests: dict[int, DecodeRequest],
-    replies: dict[int, np.ndarray | None],
+    replies: dict[int, Sequence[np.ndarray] | None],
     results: list[Sample | None],
     on_sample: Callable[[int, Sample], None] | None,
-) -> None:
+) -> dict[int, list[DecodeRequest]]:
+    """Send each chain its logits; collect what each wants decoded next."""
+    requests = {}
     for index, reply in replies.items():
         try:
             requests[index] = runs[index].send(reply)  # type: ignore[arg-type]
         except StopIteration as done:
-            requests.pop(index, None)
             results[index] = done.value
             if on_sample is not None:
                 on_sample(index, done.value)
+    return requests

@@ -10,7 +10,7 @@ from typing import Callable
 from .engine import EngineError, LlamaEngine
 from .errors import UserError
 from .gguf_file import check_gguf
-from .sampler import ProgressCallback, sample
+from .sampler import ProgressCallback, sample, slots_per_chain
 from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings
 
 
@@ -20,6 +20,7 @@ class RuntimeOptions:
     ctx: int | None = None  # per-sequence context; None: the model's trained context
     gpu_layers: int = -1  # -1: every layer when the build can offload (Metal, CUDA), else none
     chains_per_batch: int = 8  # chains that advance together in one batched decode
+    batch_width: int = 8  # sequences one decode may carry: a lone chain fills it with proposals
 
 
 def fit_max_tokens(prompt_tokens: int, requested: int | None, ctx: int | None, n_ctx_train: int) -> int:
@@ -79,10 +80,11 @@ class Session:
         )
         settings = replace(settings, max_tokens=max_tokens)
         chains = min(num_samples, self.options.chains_per_batch)
-        sequences_per_chain = 2 if settings.steps_per_block else 1
-        # Unified cache: the prompt once, then each chain's current and proposed suffixes.
-        cells = len(prompt_tokens) + sequences_per_chain * max_tokens * chains + 8
-        slots = 1 + 2 * chains
+        round_width = max(1, self.options.batch_width // chains)
+        per_chain = slots_per_chain(settings, round_width)
+        # Unified cache: the prompt once, then every chain's sequence and proposals.
+        cells = len(prompt_tokens) + per_chain * max_tokens * chains + 8
+        slots = 1 + per_chain * chains
         if cells > self._cells or slots > self._slots:
             try:
                 self.engine.allocate(cells, slots)
@@ -95,6 +97,7 @@ class Session:
             settings,
             num_samples=num_samples,
             chains_per_batch=chains,
+            max_round_width=round_width,
             progress=progress,
             on_sample=on_sample,
         )

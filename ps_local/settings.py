@@ -87,8 +87,9 @@ class SampleStats:
     tokens_decoded: int = 0
     tokens_reevaluated: int = 0
     prompt_tokens: int = 0
-    proposal_tokens: int = 0
-    early_rejections: int = 0
+    proposal_tokens: int = 0  # tokens the MH proposals drew (early-rejected ones stop short)
+    early_rejections: int = 0  # proposals abandoned once their rejection was certain
+    discarded_tokens: int = 0  # tokens of batched proposals dropped after an earlier acceptance
     stop_reason: str = "length"  # length | eos | stop
     wall_s: float = 0.0
 

@@ -70,7 +70,8 @@ def test_json_lines_carry_the_fields(tiny_gguf):
                     "acceptance_rate", "tokens_decoded", "tokens_reevaluated", "wall_s"):
             assert key in stats
         assert stats["method"] == "power" and stats["seed"] == 5
-        assert stats["tokens_reevaluated"] == stats["mh_steps"]  # one re-decoded token per proposal
+        # One re-decoded token per proposal, used or discarded after an earlier acceptance.
+        assert stats["tokens_reevaluated"] >= stats["mh_steps"] and stats["mh_steps"] in (3, 6)  # N per block run
         assert stats["tokens_decoded"] >= len(record["tokens"]) - 1
 
 

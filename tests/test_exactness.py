@@ -39,10 +39,11 @@ class Case:
     prompt: list[int]
     exact: ExactDistribution
 
-    def draw(self, seed: int = 0, num_samples: int = CHAINS, **options) -> list[tuple[int, ...]]:
+    def draw(self, seed: int = 0, round_width: int = 1, **options) -> list[tuple[int, ...]]:
         settings = SamplingSettings(max_tokens=MAX_TOKENS, block_size=MAX_TOKENS, mcmc_steps=STEPS, seed=seed)
         settings = SamplingSettings(**{**settings.__dict__, **options})
-        samples = sample(self.engine, self.prompt, settings, num_samples, chains_per_batch=CHAINS_PER_BATCH)
+        samples = sample(self.engine, self.prompt, settings, CHAINS, chains_per_batch=CHAINS_PER_BATCH // round_width,
+                         max_round_width=round_width)
         return [tuple(s.tokens) for s in samples]
 
 
@@ -75,6 +76,12 @@ def test_the_model_makes_a_meaningful_check(case):
 def test_power_sampling_matches_p_alpha(case):
     target = case.exact.power(ALPHA)
     assert total_variation(case.draw(seed=1), case.exact, target) <= tv_bound(target)
+
+
+def test_batched_proposals_match_p_alpha(case):
+    """Proposals decoded together and used in order until one is accepted: still exact."""
+    target = case.exact.power(ALPHA)
+    assert total_variation(case.draw(seed=7, round_width=4), case.exact, target) <= tv_bound(target)
 
 
 def test_low_temperature_sampling_misses_p_alpha(case):
