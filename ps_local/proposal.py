@@ -18,11 +18,30 @@ import numpy as np
 BLOCK = 512  # tokens per block of the two-level inverse-CDF sampling
 
 
+TABLE_SIZE = 256  # most tokens a table keeps
+TABLE_FLOOR = 1e-7  # tokens with less than this share of the proposal's mass stay out of tables
+
+
 @dataclass(frozen=True)
 class TokenDraw:
     token: int
     logp: float  # log p(token) under the base model (temperature 1)
     log_weight: float  # alpha * log p - log q: the token's share of log A
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """The proposal at one position, kept compactly: its likely tokens with their weights.
+
+    A proposal that resamples the same prefix draws from the table instead of decoding it
+    again; a draw that lands in the mass outside the table needs the full logits (rare).
+    """
+
+    ids: np.ndarray  # token ids, most of the proposal's mass
+    shifted: np.ndarray  # their logits minus the row maximum
+    cumulative: np.ndarray  # running sum of their proposal weights (float64)
+    total: float  # the row's whole proposal weight
+    log_norm: float  # log of sum(exp(shifted)) over the whole row
 
 
 class TokenSampler:
@@ -38,31 +57,69 @@ class TokenSampler:
         self._shifted = np.empty(n_vocab, dtype=np.float32)
 
     def draw(self, logits: np.ndarray, rng: np.random.Generator) -> TokenDraw:
-        shifted = np.subtract(logits, logits.max(), out=self._shifted)
+        return self.draw_with_table(logits, rng, with_table=False)[0]
+
+    def draw_with_table(
+        self, logits: np.ndarray, rng: np.random.Generator, with_table: bool = True, exclude: TokenTable | None = None
+    ) -> tuple[TokenDraw, TokenTable | None]:
+        """Draw a token; also return the position's table when asked.
+
+        ``exclude``: draw only among the tokens outside that table (its complement), the
+        second stage of a draw that landed outside it.
+        """
+        peak = float(logits.max())
+        shifted = np.subtract(logits, peak, out=self._shifted)
         weights = self._weights[: self.n_vocab]
         np.exp(shifted, out=weights)
         log_norm = math.log(float(weights.sum(dtype=np.float64)))
         if self.temperature == 0.0:
             token = int(shifted.argmax())
-            logp = float(shifted[token]) - log_norm
-            return TokenDraw(token, logp, 0.0 if math.isinf(self.alpha) else self.alpha * logp)
+            return self._scored(token, float(shifted[token]), log_norm, 0.0), None
         if self.temperature != 1.0:
             np.multiply(shifted, 1.0 / self.temperature, out=weights)
             np.exp(weights, out=weights)
-        token, log_total = self._inverse_cdf(rng.random())
-        shifted_token = float(logits[token]) - float(logits.max())
-        logp = shifted_token - log_norm
-        log_q = shifted_token / self.temperature - log_total
-        # For alpha = inf the chain compares sums of log p instead (max-swap).
-        log_weight = 0.0 if math.isinf(self.alpha) else self.alpha * logp - log_q
-        return TokenDraw(token, logp, log_weight)
-
-    def _inverse_cdf(self, u: float) -> tuple[int, float]:
-        """The token whose cumulative weight first exceeds u * total, and log(total)."""
         block_sums = self._weights.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)
+        total = float(block_sums.sum())
+        table = self._table(shifted, total, log_norm) if with_table else None
+        if exclude is not None:
+            weights[exclude.ids] = 0.0
+            block_sums = self._weights.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)
+            if not block_sums.sum() > 0:  # rounding alone sent the draw outside: nothing is there
+                return self.draw_from_table(exclude, rng) or self._scored(
+                    int(exclude.ids[0]), float(exclude.shifted[0]), log_norm, math.log(total)), table
+        token = self._inverse_cdf(block_sums, rng.random())
+        return self._scored(token, float(shifted[token]), log_norm, math.log(total)), table
+
+    def draw_from_table(self, table: TokenTable, rng: np.random.Generator) -> TokenDraw | None:
+        """A draw from the position's full proposal, or None when it falls outside the table."""
+        target = rng.random() * table.total
+        index = int(np.searchsorted(table.cumulative, target, side="right"))
+        if index == len(table.ids):
+            return None
+        return self._scored(int(table.ids[index]), float(table.shifted[index]), table.log_norm, math.log(table.total))
+
+    def _scored(self, token: int, shifted_token: float, log_norm: float, log_total: float) -> TokenDraw:
+        logp = shifted_token - log_norm
+        if math.isinf(self.alpha):
+            return TokenDraw(token, logp, 0.0)  # max-swap compares sums of log p instead
+        if self.temperature == 0.0:
+            return TokenDraw(token, logp, self.alpha * logp)
+        log_q = shifted_token / self.temperature - log_total
+        return TokenDraw(token, logp, self.alpha * logp - log_q)
+
+    def _table(self, shifted: np.ndarray, total: float, log_norm: float) -> TokenTable:
+        weights = self._weights[: self.n_vocab]
+        ids = np.flatnonzero(weights > total * TABLE_FLOOR)
+        if len(ids) > TABLE_SIZE:
+            ids = ids[np.argpartition(weights[ids], -TABLE_SIZE)[-TABLE_SIZE:]]
+        ids = ids[np.argsort(-weights[ids], kind="stable")]
+        cumulative = np.cumsum(weights[ids], dtype=np.float64)
+        return TokenTable(ids, shifted[ids].copy(), cumulative, total, log_norm)
+
+    def _inverse_cdf(self, block_sums: np.ndarray, u: float) -> int:
+        """The token whose cumulative weight first exceeds u times the total weight."""
         cumulative = np.cumsum(block_sums)
-        total = float(cumulative[-1])
-        target = u * total
+        target = u * float(cumulative[-1])
         block = min(int(np.searchsorted(cumulative, target, side="right")), len(block_sums) - 1)
         start = block * BLOCK
         within = target - (float(cumulative[block - 1]) if block else 0.0)
@@ -71,7 +128,7 @@ class TokenSampler:
         if offset >= BLOCK:
             # Rounding put the target past the block's last weight: take its last real token.
             offset = int(np.flatnonzero(self._weights[start : start + BLOCK])[-1])
-        return start + offset, math.log(total)
+        return start + offset
 
 
 def draw_token(logits: np.ndarray, temperature: float, alpha: float, rng: np.random.Generator) -> TokenDraw:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
-from .proposal import TokenDraw, TokenSampler
+from .proposal import TokenDraw, TokenSampler, TokenTable
 from .protocol import DecodeRequest, Engine
 from .settings import Sample, SampleStats, SamplingSettings
 from .stops import StopMatcher
@@ -53,18 +53,26 @@ class Trajectory:
     logp: list[float] = field(default_factory=list)
     cum_logp: list[float] = field(default_factory=lambda: [0.0])
     cum_weight: list[float] = field(default_factory=lambda: [0.0])
+    tables: list[TokenTable | None] = field(default_factory=list)  # the proposal at each position
     cached: int = 0
     end: str | None = None  # None, "eos" or "stop"
 
-    def append(self, draw: TokenDraw) -> None:
+    def append(self, draw: TokenDraw, table: TokenTable | None) -> None:
         self.tokens.append(draw.token)
+        self.tables.append(table)
         self.logp.append(draw.logp)
         self.cum_logp.append(self.cum_logp[-1] + draw.logp)
         self.cum_weight.append(self.cum_weight[-1] + draw.log_weight)
 
     def prefix(self, slot: int, keep: int) -> "Trajectory":
         return Trajectory(
-            slot, self.tokens[:keep], self.logp[:keep], self.cum_logp[: keep + 1], self.cum_weight[: keep + 1], keep
+            slot,
+            self.tokens[:keep],
+            self.logp[:keep],
+            self.cum_logp[: keep + 1],
+            self.cum_weight[: keep + 1],
+            self.tables[:keep],
+            keep,
         )
 
 
@@ -80,8 +88,13 @@ class Move:
     keep: int  # tokens kept before the resample index
     log_u: float
     current_score: float  # the current sequence's suffix score from the same index
-    pending: list[int]  # tokens to decode before the next draw
-    state: str = "running"  # running | finished | hopeless (certainly rejected)
+    pending: list[int] = field(default_factory=list)  # tokens to decode before the next draw
+    # coupled: still equal to the current sequence, drawn from its stored tables, nothing
+    # decoded; outside: waiting for the full logits of a draw that fell outside a table;
+    # running: decoding its own tokens; finished; hopeless: certainly rejected.
+    state: str = "coupled"
+    table: TokenTable | None = None  # the table an "outside" draw must avoid
+    branched: bool = False  # whether its slot holds its own cache yet
 
 
 class Chain:
@@ -117,6 +130,9 @@ class Chain:
         self.progress = progress
         self.temperature = settings.temperature
         self.token_sampler = TokenSampler(engine.n_vocab, self.temperature, settings.alpha)
+        # A proposal at m draws x'_m, x'_m+1, ... from the same distributions as the current
+        # sequence did until it first differs from it: kept as tables, those cost no decoding.
+        self.reuse_tables = settings.steps_per_block > 0
         self.max_swap = math.isinf(settings.alpha)
         # log A <= bound holds while every per-token weight is <= 0: 1 <= 1/τ <= α.
         self.early_rejection = settings.early_rejection and (
@@ -166,8 +182,11 @@ class Chain:
             next_logits = None
 
     def _append(self, trajectory: Trajectory, logits: np.ndarray) -> None:
-        draw = self.token_sampler.draw(logits, self.rng)
-        trajectory.append(draw)
+        draw, table = self.token_sampler.draw_with_table(logits, self.rng, with_table=self.reuse_tables)
+        self._record(trajectory, draw, table)
+
+    def _record(self, trajectory: Trajectory, draw: TokenDraw, table: TokenTable | None) -> None:
+        trajectory.append(draw, table)
         if self.engine.is_end_of_generation(draw.token):
             trajectory.end = "eos"
         elif self.stops.completes_stop(trajectory.tokens):
@@ -185,51 +204,114 @@ class Chain:
         """Up to ``steps_left`` MH steps from ``current``; returns (new current, steps used)."""
         n = len(current.tokens)
         log_n = math.log(n)
-        history = self.prompt + current.tokens
         free = [slot for slot in self.slots if slot != current.slot]
         moves = []
         for slot in free[: self._round_width(steps_left)]:
             keep = int(self.rng.integers(1, n + 1)) - 1  # resample index m = keep + 1, uniform
             # Drawn before the proposal so that decoding can stop once rejection is certain.
             log_u = math.log(self.rng.random() or 5e-324)
-            # The cache keeps keys and values, not logits: branch before x_{m-1} and decode
-            # that one token again to get the logits that predict x_m.
-            branch_position = len(self.prompt) + keep - 1
-            self.engine.copy_prefix(current.slot, slot, branch_position)
-            proposal = current.prefix(slot, keep)
-            proposal.cached = keep - 1  # until the re-decoded token is in
-            moves.append(Move(proposal, keep, log_u, self._suffix_score(current, keep), [history[branch_position]]))
-            self.stats.tokens_reevaluated += 1
+            moves.append(Move(current.prefix(slot, keep), keep, log_u, self._suffix_score(current, keep)))
 
         used = 0
         while True:
+            for move in moves[used:]:
+                if move.state == "coupled":
+                    self._walk(move, current, limit, log_n)
             # Decide moves in order; the first acceptance ends the round.
-            while used < len(moves) and moves[used].state != "running":
+            while used < len(moves) and moves[used].state in ("finished", "hopeless"):
                 move = moves[used]
                 used += 1
                 self._count(move)
                 if move.state == "finished" and self._accepts(move, log_n):
                     self.stats.accepted += 1
+                    if not move.branched:
+                        self._adopt_cache(move.proposal, current)
                     for discarded in moves[used:]:
                         self.stats.discarded_tokens += len(discarded.proposal.tokens) - discarded.keep
                     return move.proposal, used
             if used == len(moves):
                 return current, used
-            running = [move for move in moves[used:] if move.state == "running"]
-            rows = yield [(move.proposal.slot, move.pending) for move in running]
-            for move, row in zip(running, rows):
-                self._advance_move(move, row, limit, log_n)
+            waiting = [move for move in moves[used:] if move.state in ("running", "outside")]
+            rows = yield [(move.proposal.slot, move.pending) for move in waiting]
+            for move, row in zip(waiting, rows):
+                move.proposal.cached += len(move.pending)
+                self.stats.tokens_decoded += len(move.pending)
+                if move.state == "outside":
+                    draw, _ = self.token_sampler.draw_with_table(row, self.rng, with_table=False, exclude=move.table)
+                    self._take(move, draw, move.table, current, limit, log_n)
+                else:
+                    draw, table = self.token_sampler.draw_with_table(row, self.rng, with_table=self.reuse_tables)
+                    self._take(move, draw, table, None, limit, log_n)
 
-    def _advance_move(self, move: Move, logits: np.ndarray, limit: int, log_n: float) -> None:
+    def _walk(self, move: Move, current: Trajectory, limit: int, log_n: float) -> None:
+        """Draw a coupled proposal's tokens from the current sequence's tables until it
+        differs from the current sequence, ends, or needs the model."""
         proposal = move.proposal
-        proposal.cached += len(move.pending)
-        self.stats.tokens_decoded += len(move.pending)
-        self._append(proposal, logits)
-        move.pending = [proposal.tokens[-1]]
+        while move.state == "coupled":
+            position = len(proposal.tokens)
+            if position == len(current.tokens):
+                proposal.end = current.end  # the same sequence again
+                move.state = "finished"
+                return
+            table = current.tables[position]
+            draw = self.token_sampler.draw_from_table(table, self.rng) if table is not None else None
+            if draw is None:
+                # Outside the table: decode the token before this position again for the
+                # full logits, then draw among the tokens the table leaves out.
+                self._branch(move, current, position - 1, "outside")
+                move.table = table
+                self.stats.tokens_reevaluated += 1
+                return
+            self.stats.reused_tokens += 1
+            self._take(move, draw, table, current, limit, log_n)
+
+    def _take(
+        self,
+        move: Move,
+        draw: TokenDraw,
+        table: TokenTable | None,
+        current: Trajectory | None,
+        limit: int,
+        log_n: float,
+    ) -> None:
+        """Add a drawn token to a proposal and move it on. ``current``: the sequence the
+        proposal is still coupled to (None once it decodes its own tokens)."""
+        proposal = move.proposal
+        position = len(proposal.tokens)
+        self._record(proposal, draw, table)
         if proposal.end is not None or len(proposal.tokens) >= limit:
             move.state = "finished"
         elif self.early_rejection and not self._may_accept(move, log_n):
             move.state = "hopeless"
+        elif current is not None and draw.token == current.tokens[position]:
+            move.state = "coupled"
+        elif current is not None and not move.branched:
+            # The first token of its own: the cache needs the shared prefix, then this token.
+            self._branch(move, current, position, "running")
+            move.pending = [draw.token]
+        else:
+            move.state = "running"
+            move.pending = [draw.token]
+
+    def _adopt_cache(self, proposal: Trajectory, current: Trajectory) -> None:
+        """An accepted proposal that never decoded: its slot takes the shared prefix's cache."""
+        shared = 0
+        for mine, theirs in zip(proposal.tokens, current.tokens):
+            if mine != theirs:
+                break
+            shared += 1
+        proposal.cached = min(shared, current.cached)
+        self.engine.copy_prefix(current.slot, proposal.slot, len(self.prompt) + proposal.cached)
+
+    def _branch(self, move: Move, current: Trajectory, keep: int, state: str) -> None:
+        """Give the proposal's slot the current sequence's cache for the prompt and ``keep``
+        generated tokens, and queue the token after them for decoding."""
+        position = len(self.prompt) + keep
+        self.engine.copy_prefix(current.slot, move.proposal.slot, position)
+        move.proposal.cached = keep
+        move.pending = [(self.prompt + current.tokens)[position]]
+        move.state = state
+        move.branched = True
 
     def _may_accept(self, move: Move, log_n: float) -> bool:
         """Whether the move can still be accepted, whatever tokens would follow."""

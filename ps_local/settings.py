@@ -90,6 +90,7 @@ class SampleStats:
     proposal_tokens: int = 0  # tokens the MH proposals drew (early-rejected ones stop short)
     early_rejections: int = 0  # proposals abandoned once their rejection was certain
     discarded_tokens: int = 0  # tokens of batched proposals dropped after an earlier acceptance
+    reused_tokens: int = 0  # proposal tokens drawn from stored distributions, not decoded
     stop_reason: str = "length"  # length | eos | stop
     wall_s: float = 0.0
 

@@ -86,10 +86,12 @@ def test_counters_match_what_the_engine_decoded():
     result = run_chain(engine, settings)
     stats = result.stats
     assert engine.tokens_decoded == stats.tokens_decoded + stats.prompt_tokens
-    assert stats.tokens_reevaluated == stats.mh_steps == 5 * 3
-    # Growing the sequence decodes each token but the last; a proposal of j tokens decodes j
-    # (the re-decoded token before the resample index, then j - 1).
-    assert stats.proposal_tokens + len(result.tokens) - 1 == stats.tokens_decoded
+    assert stats.mh_steps == 5 * 3
+    # Growing the sequence decodes each token but the last. A proposal draws its tokens from
+    # the current sequence's stored distributions until it differs from it (reused_tokens);
+    # each token it draws from fresh logits cost one decode (of the token before it).
+    assert stats.proposal_tokens - stats.reused_tokens + len(result.tokens) - 1 == stats.tokens_decoded
+    assert stats.reused_tokens > 0
     assert stats.acceptance_rate == stats.accepted / stats.mh_steps
     assert len(result.tokens) == len(result.logprobs) <= 12
 
