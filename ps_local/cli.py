@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any, Callable
@@ -11,6 +12,7 @@ import click
 from . import __version__
 from .errors import UserError
 from .output import ProgressLine, sample_json, summary_line
+from .prompts import TEMPLATES, PromptSettings, prompt_tokens, template_stops
 from .settings import METHODS, SamplingSettings
 
 
@@ -39,7 +41,20 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def prompt_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--chat", is_flag=True, help="Apply the model's own chat template (instruct models)."),
+        click.option("--system", default=None, help="System message (with --chat)."),
+        click.option("--template", type=click.Choice(TEMPLATES), default=None,
+                     help="math: the paper's MATH prompt (answer in \\boxed{}); code: HumanEval-style completion."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def settings_from(options: dict[str, Any]) -> SamplingSettings:
+    stops = tuple(options["stop"]) or template_stops(options.get("template"))
     return SamplingSettings(
         method=options["method"],
         alpha=options["alpha"],
@@ -48,7 +63,7 @@ def settings_from(options: dict[str, Any]) -> SamplingSettings:
         max_tokens=options["max_tokens"],
         proposal_temp=options["proposal_temp"],
         seed=options["seed"],
-        stop=tuple(options["stop"]),
+        stop=stops,
     )
 
 
@@ -76,19 +91,22 @@ def cli() -> None:
 @click.argument("model")
 @click.argument("prompt", required=False)
 @sampling_options
+@prompt_options
 @click.option("-n", "--num-samples", type=int, default=1, show_default=True, help="Independent samples (chains).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample, one per line.")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 def generate(model: str, prompt: str | None, num_samples: int, as_json: bool, quiet: bool, **options: Any) -> None:
     """Sample a continuation of PROMPT (or standard input when PROMPT is - or absent).
 
-    MODEL is a path to a .gguf file, or "default" (Gemma 3 270M base, from ps-local[demo]).
+    MODEL is a path to a .gguf file, hf:OWNER/REPO/FILE.gguf, a name from `ps-local models`,
+    or "default" (Gemma 3 270M base, from ps-local[demo]).
 
     Only the generated text (or JSON) goes to stdout; progress and the summary go to stderr.
     """
     from .models import resolve_model
     from .session import RuntimeOptions, Session  # loads llama.cpp: keep --help fast
 
+    prompt_settings = PromptSettings(options["template"], options["chat"], options["system"])
     settings = settings_from(options)
     try:
         settings.validate()
@@ -117,7 +135,60 @@ def generate(model: str, prompt: str | None, num_samples: int, as_json: bool, qu
             click.echo(summary_line(result), err=True)
 
     with Session(resolve_model(model), runtime) as session:
-        session.generate(session.tokenize(text), settings, num_samples, progress=progress, on_sample=emit)
+        tokens = prompt_tokens(session.engine, text, prompt_settings)
+        session.generate(tokens, settings, num_samples, progress=progress, on_sample=emit)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
+@click.pass_context
+def models(context: click.Context, as_json: bool) -> None:
+    """The model catalog, and which models are already on disk."""
+    if context.invoked_subcommand is not None:
+        return
+    from .models import catalog_rows
+
+    rows = catalog_rows()
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    click.echo(format_table(rows, ("name", "size", "quantization", "license", "on_disk", "source")))
+
+
+@models.command()
+@click.argument("name")
+def pull(name: str) -> None:
+    """Download catalog model NAME (or hf:OWNER/REPO/FILE.gguf) and print its path."""
+    from .models import resolve_model
+
+    click.echo(str(resolve_model(name)))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
+def info(model: str, as_json: bool) -> None:
+    """Architecture, size, quantization, context, vocabulary and special tokens of MODEL."""
+    from .models import resolve_model
+    from .session import Session
+
+    with Session(resolve_model(model)) as session:
+        details = session.engine.describe()
+    if as_json:
+        click.echo(json.dumps(details))
+        return
+    for key, value in details.items():
+        if isinstance(value, dict):
+            value = f"{value['id']} {value['text']!r}"
+        click.echo(f"{key.replace('_', ' ')}: {'none' if value is None else value}")
+
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.replace("_", " ").ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def run_cli(main: click.Group, argv: list[str] | None = None) -> int:

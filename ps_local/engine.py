@@ -85,16 +85,17 @@ class LlamaEngine:
 
     # -- vocabulary ----------------------------------------------------------------------
 
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
+    def tokenize(self, text: str, special: bool = False, add_bos: bool = True) -> list[int]:
         """Tokens as llama.cpp gives them by default: BOS added where the model asks for it.
 
-        ``special`` parses control-token text (needed after a chat template).
+        ``special`` parses control-token text (needed after a chat template, which may
+        also spell out BOS itself: then ``add_bos`` is False).
         """
         data = text.encode("utf-8")
         capacity = len(data) + 16
         while True:
             buffer = (llama.llama_token * capacity)()
-            count = llama.llama_tokenize(self.vocab, data, len(data), buffer, capacity, True, special)
+            count = llama.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_bos, special)
             if count >= 0:
                 return list(buffer[:count])
             capacity = -count
@@ -125,6 +126,35 @@ class LlamaEngine:
     def chat_template(self) -> str | None:
         template = llama.llama_model_chat_template(self.model, None)
         return template.decode("utf-8", errors="replace") if template else None
+
+    def token_text(self, token: int) -> str:
+        """A token's text as the vocabulary spells it (control tokens included)."""
+        text = llama.llama_vocab_get_text(self.vocab, token)
+        return text.decode("utf-8", errors="replace") if text else ""
+
+    def special_tokens(self) -> dict[str, int]:
+        """BOS and EOS ids (-1 where the model has none)."""
+        return {"bos": int(llama.llama_vocab_bos(self.vocab)), "eos": int(llama.llama_vocab_eos(self.vocab))}
+
+    def describe(self) -> dict[str, object]:
+        """What ``ps-local info`` shows."""
+        buffer = ctypes.create_string_buffer(256)
+        llama.llama_model_desc(self.model, buffer, len(buffer))
+        special = self.special_tokens()
+        description = buffer.value.decode("utf-8", errors="replace")  # "gemma3 270M Q4_K - Medium"
+        return {
+            "file": str(self.path),
+            "architecture": self.metadata("general.architecture"),
+            "name": self.metadata("general.name"),
+            "parameters": int(llama.llama_model_n_params(self.model)),
+            "quantization": description.split(" ", 2)[2] if description.count(" ") >= 2 else description,
+            "context_length": self.n_ctx_train,
+            "vocabulary_size": self.n_vocab,
+            "bos": {"id": special["bos"], "text": self.token_text(special["bos"])} if special["bos"] >= 0 else None,
+            "eos": {"id": special["eos"], "text": self.token_text(special["eos"])} if special["eos"] >= 0 else None,
+            "adds_bos": bool(llama.llama_vocab_get_add_bos(self.vocab)),
+            "chat_template": self.chat_template() is not None,
+        }
 
     # -- the KV cache --------------------------------------------------------------------
 

@@ -132,7 +132,7 @@ class Chain:
         self.token_sampler = TokenSampler(engine.n_vocab, self.temperature, settings.alpha)
         # A proposal at m draws x'_m, x'_m+1, ... from the same distributions as the current
         # sequence did until it first differs from it: kept as tables, those cost no decoding.
-        self.reuse_tables = settings.steps_per_block > 0
+        self.reuse_tables = settings.reuse_tables and settings.steps_per_block > 0
         self.max_swap = math.isinf(settings.alpha)
         # log A <= bound holds while every per-token weight is <= 0: 1 <= 1/τ <= α.
         self.early_rejection = settings.early_rejection and (

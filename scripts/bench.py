@@ -108,6 +108,7 @@ def run_power(engine, prompt, settings, num_samples=1, round_width=1, name="") -
             "accepted": sum(s.stats.accepted for s in samples),
             "stop_reasons": sorted({s.stats.stop_reason for s in samples}),
             "generated_tokens": sum(len(s.tokens) for s in samples),
+            "reused_tokens": sum(s.stats.reused_tokens for s in samples),
         },
     )
     if getattr(engine, "tokens_reevaluated", 0):
@@ -155,18 +156,19 @@ def main() -> None:
         alpha=args.alpha, block_size=args.block_size, mcmc_steps=args.mcmc_steps,
         max_tokens=args.max_tokens, seed=args.seed,
     )
-    sequential = SamplingSettings(**{**settings.__dict__, "early_rejection": False})
+    sequential = SamplingSettings(**{**settings.__dict__, "early_rejection": False, "reuse_tables": False})
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     rows: dict[str, Row] = {}
     log("power, as shipped ...")
     rows["shipped"], _ = run_power(engine, prompt, settings, round_width=args.round_width,
-                                   name=f"ps-local power (early rejection, {args.round_width} proposals per batch)")
-    log("power, one proposal at a time with early rejection ...")
-    rows["early"], _ = run_power(engine, prompt, settings, name="one proposal at a time, early rejection")
+                                   name=f"ps-local power as shipped (early rejection, reused tables, up to {args.round_width} proposals per batch)")
+    log("power, one proposal at a time, early rejection only ...")
+    rows["early"], _ = run_power(engine, prompt, SamplingSettings(**{**settings.__dict__, "reuse_tables": False}),
+                                 name="one proposal at a time, early rejection only")
     log("power, sequential chain ...")
     rows["sequential"], _ = run_power(engine, prompt, sequential,
-                                      name="sequential chain: one proposal at a time, no early rejection")
+                                      name="sequential chain: every proposal token decoded, one proposal at a time")
     log("power, re-evaluating prompt and prefix per proposal ...")
     rows["reference"], _ = run_power(ReevaluatingEngine(engine), prompt, sequential,
                                      name="reference strategy: prompt + prefix re-evaluated per proposal")
@@ -218,6 +220,8 @@ def main() -> None:
               f"{'' if multiple is None else f'{multiple:.1f}×'} |")
     print()
     print(f"- efficiency of the sequential chain (limit / actual): {figures['efficiency_sequential']:.2f}")
+    print(f"- proposal tokens drawn from reused tables (shipped): "
+          f"{rows['shipped'].extra['reused_tokens'] / max(1, rows['shipped'].extra['proposal_tokens']):.0%}")
     print(f"- proposal tokens saved by exact early rejection: {figures['early_rejection_token_saving']:.0%}")
     print(f"- single chain, shipped vs sequential chain: {figures['single_chain_speedup']:.2f}× faster")
     print(f"- -n 8 batched vs 8 single runs: {figures['n8_speedup']:.2f}× the samples per second")
