@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -17,10 +18,8 @@ from .settings import METHODS, SamplingSettings
 
 
 def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options every sampling command shares (generate, and later eval)."""
+    """The options every sampling command shares (generate, eval)."""
     options = [
-        click.option("--method", type=click.Choice(METHODS), default="power", show_default=True,
-                     help="power: MH on p^alpha; baselines: low-temp (T=1/alpha), standard (T=1), greedy."),
         click.option("--alpha", type=float, default=4.0, show_default=True,
                      help="Sharpening exponent (>= 1; 'inf' for max-swap)."),
         click.option("--block-size", type=int, default=192, show_default=True, help="Tokens per block (B)."),
@@ -53,10 +52,10 @@ def prompt_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def settings_from(options: dict[str, Any]) -> SamplingSettings:
+def settings_from(options: dict[str, Any], method: str = "power") -> SamplingSettings:
     stops = tuple(options["stop"]) or template_stops(options.get("template"))
     return SamplingSettings(
-        method=options["method"],
+        method=method,
         alpha=options["alpha"],
         block_size=options["block_size"],
         mcmc_steps=options["mcmc_steps"],
@@ -65,6 +64,22 @@ def settings_from(options: dict[str, Any]) -> SamplingSettings:
         seed=options["seed"],
         stop=stops,
     )
+
+
+def validated(settings: SamplingSettings, num_samples: int) -> SamplingSettings:
+    try:
+        settings.validate()
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be a positive integer, got {num_samples}")
+    return settings
+
+
+def runtime_from(options: dict[str, Any]) -> Any:
+    from .session import RuntimeOptions
+
+    return RuntimeOptions(threads=options["threads"], ctx=options["ctx"], gpu_layers=options["gpu_layers"])
 
 
 def read_prompt(prompt: str | None) -> str:
@@ -90,12 +105,16 @@ def cli() -> None:
 @cli.command()
 @click.argument("model")
 @click.argument("prompt", required=False)
+@click.option("--method", type=click.Choice(METHODS), default="power", show_default=True,
+              help="power: MH on p^alpha; baselines: low-temp (T=1/alpha), standard (T=1), greedy.")
 @sampling_options
 @prompt_options
 @click.option("-n", "--num-samples", type=int, default=1, show_default=True, help="Independent samples (chains).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample, one per line.")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
-def generate(model: str, prompt: str | None, num_samples: int, as_json: bool, quiet: bool, **options: Any) -> None:
+def generate(
+    model: str, prompt: str | None, method: str, num_samples: int, as_json: bool, quiet: bool, **options: Any
+) -> None:
     """Sample a continuation of PROMPT (or standard input when PROMPT is - or absent).
 
     MODEL is a path to a .gguf file, hf:OWNER/REPO/FILE.gguf, a name from `ps-local models`,
@@ -104,18 +123,12 @@ def generate(model: str, prompt: str | None, num_samples: int, as_json: bool, qu
     Only the generated text (or JSON) goes to stdout; progress and the summary go to stderr.
     """
     from .models import resolve_model
-    from .session import RuntimeOptions, Session  # loads llama.cpp: keep --help fast
+    from .session import Session  # loads llama.cpp: keep --help fast
 
     prompt_settings = PromptSettings(options["template"], options["chat"], options["system"])
-    settings = settings_from(options)
-    try:
-        settings.validate()
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be a positive integer, got {num_samples}")
+    settings = validated(settings_from(options, method), num_samples)
     text = read_prompt(prompt)
-    runtime = RuntimeOptions(threads=options["threads"], ctx=options["ctx"], gpu_layers=options["gpu_layers"])
+    runtime = runtime_from(options)
     progress = ProgressLine(sys.stderr) if not quiet and sys.stderr.isatty() else None
     printed = 0
 
@@ -137,6 +150,85 @@ def generate(model: str, prompt: str | None, num_samples: int, as_json: bool, qu
     with Session(resolve_model(model), runtime) as session:
         tokens = prompt_tokens(session.engine, text, prompt_settings)
         session.generate(tokens, settings, num_samples, progress=progress, on_sample=emit)
+
+
+class DefaultCommandGroup(click.Group):
+    """A group whose first argument, when it names no subcommand, goes to ``run``."""
+
+    def parse_args(self, context: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(context, args)
+
+
+@cli.group("eval", cls=DefaultCommandGroup)
+def eval_group() -> None:
+    """Compare methods on MATH500, HumanEval or a JSONL task (ps-local eval MODEL TASK ...)."""
+
+
+@eval_group.command("run")
+@click.argument("model")
+@click.argument("task")
+@click.option("--methods", default="power,low-temp,standard", show_default=True,
+              help="Comma-separated methods to compare.")
+@click.option("-n", "--num-samples", type=int, default=1, show_default=True, help="Samples per problem and method.")
+@click.option("--limit", type=int, default=None, help="Only the first L problems.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Results directory [default: ps-local-eval/TASK]; rerunning with it resumes.")
+@click.option("--shard", default=None, help="I/N: this machine's share of the problems.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="A local copy of the task data (MATH500 as JSON or JSONL) instead of the hub.")
+@click.option("--grader", type=click.Choice(["exact", "regex"]), default="exact", show_default=True,
+              help="For a JSONL task: exact match of the completion, or the answer as a regex.")
+@sampling_options
+@click.option("--chat", is_flag=True, help="Apply the model's own chat template (instruct models).")
+@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
+def eval_run(model: str, task: str, methods: str, num_samples: int, limit: int | None, out: Path | None,
+             shard: str | None, data: Path | None, grader: str, chat: bool, system: str | None, quiet: bool,
+             **options: Any) -> None:
+    """Sample every problem with each method, grade, and summarize (resumable)."""
+    from .evaluate import EvalPlan, parse_shard, run_eval, summarize, summary_table, write_summary
+    from .models import resolve_model
+    from .session import Session
+    from .tasks import load_task
+
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in METHODS]
+    if not chosen or unknown:
+        raise UserError(f"--methods takes a comma-separated list of {', '.join(METHODS)}, got {methods!r}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be a positive integer, got {limit}")
+    base = validated(settings_from(options), num_samples)
+    loaded = load_task(task, data, grader)
+    plan = EvalPlan(chosen, num_samples, out or Path("ps-local-eval") / loaded.name, limit,
+                    parse_shard(shard) if shard else None, chat, system)
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    with Session(resolve_model(model), runtime_from(options)) as session:
+        records = run_eval(session, loaded, plan, base, log)
+    summary = summarize(records)
+    written = write_summary(summary, plan.out)
+    click.echo(summary_table(summary))
+    log(f"results and summary in {plan.out}: {', '.join(p.name for p in written)}")
+
+
+@eval_group.command("merge")
+@click.argument("directories", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where the merged summary goes [default: the first DIRECTORY].")
+def eval_merge(directories: tuple[Path, ...], out: Path | None) -> None:
+    """Summarize the results of several runs or shards together."""
+    from .evaluate import read_results, summarize, summary_table, write_summary
+
+    missing = [str(d) for d in directories if not d.is_dir()]
+    if missing:
+        raise UserError(f"not a results directory: {', '.join(missing)}")
+    records = read_results(directories)
+    if not records:
+        raise UserError(f"no results*.jsonl lines in {', '.join(map(str, directories))}")
+    summary = summarize(records)
+    write_summary(summary, out or directories[0])
+    click.echo(summary_table(summary))
 
 
 @cli.group(invoke_without_command=True)

@@ -75,8 +75,8 @@ def parse_hub_reference(spec: str) -> tuple[str, str]:
     return f"{parts[0]}/{parts[1]}", parts[2]
 
 
-def hub_file(repo: str, filename: str, sha256: str | None = None) -> Path:
-    """Download (or find in the cache) one file of a hub repository."""
+def hub_file(repo: str, filename: str, sha256: str | None = None, repo_type: str | None = None) -> Path:
+    """Download (or find in the cache) one file of a hub repository (a model, or a dataset)."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -86,7 +86,7 @@ def hub_file(repo: str, filename: str, sha256: str | None = None) -> Path:
     )
 
     try:
-        path = Path(hf_hub_download(repo_id=repo, filename=filename))
+        path = Path(hf_hub_download(repo_id=repo, filename=filename, **({"repo_type": repo_type} if repo_type else {})))
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
             raise UserError(

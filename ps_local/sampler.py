@@ -396,27 +396,31 @@ def sample(
     max_round_width: int = 1,
     progress: ProgressCallback | None = None,
     on_sample: Callable[[int, Sample], None] | None = None,
+    chain_indices: Sequence[int] | None = None,
 ) -> list[Sample]:
     """Draw ``num_samples`` independent samples; chains advance together in batches.
 
     The engine needs ``1 + chains * slots_per_chain(...)`` slots, chains being
     ``min(num_samples, chains_per_batch)``: slot 0 keeps the prompt. ``max_round_width``
     proposals per chain may be decoded together (a speed setting: the output distribution
-    is the same for every width).
+    is the same for every width). ``chain_indices`` runs only those of the chains
+    0 .. num_samples-1 (a resumed evaluation): each chain's randomness depends only on the
+    seed and its index.
     """
     settings.validate()
     if not prompt:
         raise ValueError("the prompt is empty")
     seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
-    seeds = chain_seeds(seed, num_samples)
+    indices = list(range(num_samples)) if chain_indices is None else list(chain_indices)
+    seeds = chain_seeds(seed, max(indices, default=-1) + 1)
     stop_matcher = StopMatcher(settings.stop, engine.token_bytes)
     per_chain = slots_per_chain(settings, max_round_width)
     engine.reset()
     (prompt_logits,) = engine.decode([(0, list(prompt))])
-    results: list[Sample | None] = [None] * num_samples
-    for first in range(0, num_samples, chains_per_batch):
+    results: dict[int, Sample] = {}
+    for first in range(0, len(indices), chains_per_batch):
         runs: dict[int, ChainRun] = {}
-        for offset, index in enumerate(range(first, min(first + chains_per_batch, num_samples))):
+        for offset, index in enumerate(indices[first : first + chains_per_batch]):
             slots = [1 + per_chain * offset + k for k in range(per_chain)]
             for slot in slots:
                 engine.copy_prefix(0, slot, len(prompt))
@@ -433,13 +437,13 @@ def sample(
                 replies[index] = rows[offset : offset + len(wanted)]
                 offset += len(wanted)
             requests = _advance(runs, replies, results, on_sample)
-    return [r for r in results if r is not None]
+    return [results[index] for index in indices]
 
 
 def _advance(
     runs: dict[int, ChainRun],
     replies: dict[int, Sequence[np.ndarray] | None],
-    results: list[Sample | None],
+    results: dict[int, Sample],
     on_sample: Callable[[int, Sample], None] | None,
 ) -> dict[int, list[DecodeRequest]]:
     """Send each chain its logits; collect what each wants decoded next."""

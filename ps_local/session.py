@@ -66,6 +66,7 @@ class Session:
         num_samples: int = 1,
         progress: ProgressCallback | None = None,
         on_sample: Callable[[int, Sample], None] | None = None,
+        chain_indices: list[int] | None = None,
     ) -> list[Sample]:
         try:
             settings.validate()
@@ -79,7 +80,7 @@ class Session:
             len(prompt_tokens), settings.max_tokens, self.options.ctx, self.engine.n_ctx_train
         )
         settings = replace(settings, max_tokens=max_tokens)
-        chains = min(num_samples, self.options.chains_per_batch)
+        chains = min(num_samples if chain_indices is None else len(chain_indices), self.options.chains_per_batch)
         round_width = max(1, self.options.batch_width // chains)
         per_chain = slots_per_chain(settings, round_width)
         # Unified cache: the prompt once, then every chain's sequence and proposals.
@@ -100,6 +101,7 @@ class Session:
             max_round_width=round_width,
             progress=progress,
             on_sample=on_sample,
+            chain_indices=chain_indices,
         )
 
     def close(self) -> None:

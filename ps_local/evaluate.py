@@ -1,0 +1,216 @@
+"""`ps-local eval`: methods side by side on a task, streamed to disk, resumable, shardable.
+
+Every (problem, method, sample) becomes one JSON line in ``OUT/results*.jsonl`` as soon as it
+is graded. A rerun with the same OUT skips what is there; shards write their own files, and
+``merge`` summarizes any set of result directories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .errors import UserError
+from .prompts import PromptSettings, prompt_tokens
+from .session import Session
+from .settings import Sample, SamplingSettings
+from .tasks import Problem, Task
+
+RESULTS_GLOB = "results*.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    methods: tuple[str, ...]
+    num_samples: int
+    out: Path
+    limit: int | None = None
+    shard: tuple[int, int] | None = None  # (I, N), 1 <= I <= N
+    chat: bool = False
+    system: str | None = None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    match = [part.strip() for part in text.split("/")]
+    if len(match) != 2 or not all(part.isdigit() for part in match):
+        raise UserError(f"--shard takes I/N (for example 2/8), got {text!r}")
+    index, count = int(match[0]), int(match[1])
+    if not 1 <= index <= count:
+        raise UserError(f"--shard {text}: I must be between 1 and N")
+    return index, count
+
+
+def select_problems(task: Task, plan: EvalPlan) -> list[Problem]:
+    problems = task.problems[: plan.limit] if plan.limit is not None else task.problems
+    if plan.shard is not None:
+        index, count = plan.shard
+        problems = [p for position, p in enumerate(problems) if position % count == index - 1]
+    return problems
+
+
+def results_file(plan: EvalPlan) -> Path:
+    suffix = f".shard-{plan.shard[0]}-of-{plan.shard[1]}" if plan.shard else ""
+    return plan.out / f"results{suffix}.jsonl"
+
+
+def read_results(directories: Iterable[Path]) -> list[dict[str, Any]]:
+    """Every result line under the directories, once per (problem, method, sample)."""
+    seen: set[tuple[str, str, int]] = set()
+    records = []
+    for directory in directories:
+        for path in sorted(Path(directory).glob(RESULTS_GLOB)):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interruption: that sample runs again
+                key = (record["id"], record["method"], record["sample"])
+                if key not in seen:
+                    seen.add(key)
+                    records.append(record)
+    return records
+
+
+def problem_seed(seed: int, problem_id: str, method: str) -> int:
+    """A seed per (problem, method), stable across reruns and shards."""
+    digest = hashlib.blake2b(f"{seed}|{problem_id}|{method}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def run_eval(
+    session: Session,
+    task: Task,
+    plan: EvalPlan,
+    base: SamplingSettings,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Run what is missing of the plan, appending results as they finish; return all results."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    done = {(r["id"], r["method"], r["sample"]) for r in read_results([plan.out])}
+    problems = select_problems(task, plan)
+    seed = base.seed if base.seed is not None else 0
+    stops = tuple(dict.fromkeys(base.stop + task.stops))
+    prompt_settings = PromptSettings(task.template, plan.chat, plan.system)
+    with results_file(plan).open("a", encoding="utf-8") as out:
+        for number, problem in enumerate(problems, start=1):
+            tokens = prompt_tokens(session.engine, problem.prompt, prompt_settings)
+            for method in plan.methods:
+                missing = [k for k in range(plan.num_samples) if (problem.id, method, k) not in done]
+                if not missing:
+                    continue
+                settings = replace(base, method=method, seed=problem_seed(seed, problem.id, method), stop=stops)
+                correct = 0
+
+                def record(index: int, sample: Sample) -> None:
+                    nonlocal correct
+                    grade = task.grade(problem, sample.text)
+                    correct += grade.correct
+                    line = {
+                        "id": problem.id,
+                        "method": method,
+                        "sample": index,
+                        "prompt": problem.prompt,
+                        "completion": sample.text,
+                        "tokens": sample.tokens,
+                        "extracted": grade.extracted if task.grader != "code" else None,
+                        "reference": problem.answer,
+                        "correct": grade.correct,
+                        "status": grade.status,
+                        "tokens_decoded": sample.stats.tokens_decoded,
+                        "wall_s": sample.stats.wall_s,
+                        "acceptance_rate": sample.stats.acceptance_rate,
+                        "seed": settings.seed,
+                    }
+                    out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())  # a Ctrl-C or a crash keeps every finished sample
+
+                session.generate(tokens, settings, plan.num_samples, on_sample=record, chain_indices=missing)
+                log(f"[{number}/{len(problems)}] {problem.id} {method}: {correct}/{len(missing)} correct")
+    return read_results([plan.out])
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimator (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: accuracy, pass@k, and mean cost."""
+    summary: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        rows = [r for r in records if r["method"] == method]
+        by_problem: dict[str, list[bool]] = {}
+        for row in rows:
+            by_problem.setdefault(row["id"], []).append(bool(row["correct"]))
+        n = min(len(v) for v in by_problem.values())
+        ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128, n) if k <= n})
+        rates = [r["acceptance_rate"] for r in rows if r.get("acceptance_rate") is not None]
+        summary[method] = {
+            "problems": len(by_problem),
+            "samples": len(rows),
+            "accuracy": sum(r["correct"] for r in rows) / len(rows),
+            "pass_at_k": {
+                str(k): sum(pass_at_k(len(v), sum(v), k) for v in by_problem.values()) / len(by_problem) for k in ks
+            },
+            "mean_tokens_decoded": sum(r["tokens_decoded"] for r in rows) / len(rows),
+            "mean_wall_s": sum(r["wall_s"] for r in rows) / len(rows),
+            "mean_acceptance_rate": sum(rates) / len(rates) if rates else None,
+        }
+    return summary
+
+
+def summary_table(summary: dict[str, dict[str, Any]]) -> str:
+    ks = sorted({int(k) for s in summary.values() for k in s["pass_at_k"]})
+    header = "| method | problems | accuracy | " + " | ".join(f"pass@{k}" for k in ks)
+    header += " | tokens decoded | wall s | acceptance |"
+    lines = [header, "|---|---:|---:|" + "---:|" * len(ks) + "---:|---:|---:|"]
+    for method, s in summary.items():
+        passes = " | ".join(f"{s['pass_at_k'][str(k)]:.3f}" if str(k) in s["pass_at_k"] else "" for k in ks)
+        acceptance = "" if s["mean_acceptance_rate"] is None else f"{s['mean_acceptance_rate']:.2f}"
+        lines.append(
+            f"| {method} | {s['problems']} | {s['accuracy']:.3f} | {passes} | "
+            f"{s['mean_tokens_decoded']:.0f} | {s['mean_wall_s']:.1f} | {acceptance} |"
+        )
+    return "\n".join(lines)
+
+
+def write_summary(summary: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+    """summary.json, summary.md and (with matplotlib) pass_at_k.png; returns what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(summary_table(summary) + "\n", encoding="utf-8")
+    written = [out / "summary.json", out / "summary.md"]
+    plot = plot_pass_at_k(summary, out / "pass_at_k.png")
+    return written + ([plot] if plot else [])
+
+
+def plot_pass_at_k(summary: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for method, s in summary.items():
+        ks = sorted(int(k) for k in s["pass_at_k"])
+        axes.plot(ks, [s["pass_at_k"][str(k)] for k in ks], marker="o", label=method)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("k (samples per problem)")
+    axes.set_ylabel("pass@k")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

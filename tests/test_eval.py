@@ -1,0 +1,247 @@
+"""`ps-local eval`: graders, sandboxed HumanEval execution, pass@k, resume, shards, merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ps_local.evaluate import pass_at_k
+from ps_local.grading.code import check_program, run_tests
+from ps_local.grading.math import is_equivalent, last_boxed
+
+MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "MATH500.json"
+
+
+def ps_local(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ps_local.cli", *args], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL, **kwargs)
+
+
+# -- graders -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "candidate, reference",
+    [
+        ("\\frac{1}{2}", "\\dfrac{1}{2}"),
+        ("\\dfrac12", "0.5"),
+        ("1/3", "\\frac{1}{3}"),
+        ("\\frac{2}{4}", "\\frac12"),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+        ("[-2, 7)", "[-2,7)"),
+        ("5\\text{ cm}", "5"),
+        ("90^\\circ", "90"),
+        ("x = 4", "4"),
+        ("\\sqrt{8}", "2\\sqrt{2}"),
+        ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}"),
+        ("2^{10}", "1024"),
+        ("\\text{(C)}", "(C)"),
+        ("10\\%", "10"),
+    ],
+)
+def test_equivalent_answers(candidate, reference):
+    assert is_equivalent(candidate, reference)
+
+
+@pytest.mark.parametrize(
+    "candidate, reference",
+    [
+        ("\\frac{1}{3}", "\\frac{1}{2}"),
+        ("[-2, 7)", "[-2, 7]"),
+        ("(1, 2)", "(2, 1)"),
+        ("(1, 2)", "(1, 2, 3)"),
+        ("x^2", "x^3"),
+        ("5\\text{ cm}", "6"),
+        (None, "1"),
+    ],
+)
+def test_different_answers(candidate, reference):
+    assert not is_equivalent(candidate, reference)
+
+
+def test_last_boxed_handles_nested_braces():
+    text = "First \\boxed{1}, then finally $\\boxed{\\frac{1}{\\sqrt{2}}}$."
+    assert last_boxed(text) == "\\frac{1}{\\sqrt{2}}"
+    assert last_boxed("no box here") is None
+    assert last_boxed("cut off \\boxed{\\frac{1}{2") is None
+
+
+def test_pass_at_k_unbiased_estimator():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
+    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 3, 3) == 1.0
+
+
+# -- HumanEval execution -------------------------------------------------------------------
+
+PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
+TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+
+
+def test_a_correct_completion_passes():
+    assert run_tests(check_program(PROMPT, "    return a + b\n", TEST, "add")).status == "passed"
+
+
+def test_a_wrong_completion_fails():
+    assert run_tests(check_program(PROMPT, "    return a - b\n", TEST, "add")).status == "failed"
+
+
+def test_a_completion_that_loops_forever_times_out():
+    started = time.monotonic()
+    result = run_tests(check_program(PROMPT, "    while True:\n        pass\n", TEST, "add"), time_limit_s=2)
+    assert result.status == "timed out" and not result.passed
+    assert time.monotonic() - started < 30
+
+
+def test_a_completion_cannot_take_all_memory():
+    hog = "    x = bytearray(8 * 1024 ** 3)\n    return a + b\n"
+    assert run_tests(check_program(PROMPT, hog, TEST, "add")).status == "failed"
+
+
+def test_completions_run_outside_the_process(tmp_path):
+    marker = tmp_path / "touched"
+    completion = f"    import os\n    os.environ['PS_LOCAL_LEAK'] = '1'\n    open({str(marker)!r}, 'w')\n    return a + b\n"
+    assert run_tests(check_program(PROMPT, completion, TEST, "add")).passed
+    assert "PS_LOCAL_LEAK" not in os.environ and marker.exists()
+
+
+# -- end to end on the tiny model ----------------------------------------------------------
+
+
+@pytest.fixture()
+def words_task(tmp_path) -> Path:
+    path = tmp_path / "words.jsonl"
+    path.write_text("".join(json.dumps({"id": f"w{i}", "prompt": "yes no", "answer": "yes"}) + "\n" for i in range(5)))
+    return path
+
+
+FAST = ["--max-tokens", "4", "--block-size", "4", "--mcmc-steps", "2", "--threads", "2", "--seed", "3",
+        "--grader", "regex", "-n", "2"]
+
+
+def lines(directory: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted(directory.glob("results*.jsonl"))
+            for line in path.read_text().splitlines()]
+
+
+def test_jsonl_task_end_to_end_and_resume(tiny_gguf, words_task, tmp_path):
+    out = tmp_path / "out"
+    first = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power,standard", "--out", str(out), *FAST)
+    assert first.returncode == 0, first.stderr
+    records = lines(out)
+    assert len(records) == 5 * 2 * 2
+    assert {"id", "method", "sample", "prompt", "completion", "tokens", "correct", "tokens_decoded", "wall_s",
+            "acceptance_rate"} <= set(records[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"power", "standard"} and summary["power"]["problems"] == 5
+    assert "pass@2" in first.stdout and (out / "summary.md").exists()
+    assert (out / "pass_at_k.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Lose the last three results (and leave a half-written line), as an interruption would.
+    results = out / "results.jsonl"
+    kept = results.read_text().splitlines()[:-3]
+    results.write_text("\n".join(kept) + '\n{"id": "w4", "meth')
+    again = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power,standard", "--out", str(out), *FAST)
+    assert again.returncode == 0, again.stderr
+    resumed = lines_skipping_broken(results)
+    assert len(resumed) == 20 and resumed[: len(kept)] == [json.loads(line) for line in kept]
+    assert again.stderr.count("correct") == 2  # only the (problem, method) pairs with missing samples ran
+    # The same seeds give the same samples on a rerun.
+    assert [essentials(r) for r in sorted_records(resumed)] == [essentials(r) for r in sorted_records(records)]
+
+
+def essentials(record: dict) -> tuple:
+    return record["id"], record["method"], record["sample"], record["tokens"], record["correct"]
+
+
+def lines_skipping_broken(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def sorted_records(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda r: (r["id"], r["method"], r["sample"]))
+
+
+def test_shards_and_merge_equal_one_run(tiny_gguf, words_task, tmp_path):
+    whole = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power", "--out", str(tmp_path / "all"),
+                     *FAST)
+    assert whole.returncode == 0, whole.stderr
+    for index in (1, 2):
+        shard = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power", "--shard", f"{index}/2",
+                         "--out", str(tmp_path / f"s{index}"), *FAST)
+        assert shard.returncode == 0, shard.stderr
+    assert {r["id"] for r in lines(tmp_path / "s1")} == {"w0", "w2", "w4"}
+    merged = ps_local("eval", "merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "m"))
+    assert merged.returncode == 0, merged.stderr
+    merged_summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    whole_summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert merged_summary["power"]["problems"] == 5
+    assert merged_summary["power"]["accuracy"] == whole_summary["power"]["accuracy"]
+    assert merged_summary["power"]["pass_at_k"] == whole_summary["power"]["pass_at_k"]
+
+
+def test_ctrl_c_keeps_finished_results(tiny_gguf, words_task, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ps_local.cli", "eval", str(tiny_gguf), str(words_task), "--methods", "power",
+         "--out", str(out), "--max-tokens", "2000", "--mcmc-steps", "200", "--block-size", "50", "-n", "1",
+         "--grader", "regex", "--limit", "5"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    results = out / "results.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if results.exists() and lines_skipping_broken(results):
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert len(lines_skipping_broken(out / "results.jsonl")) >= 1
+
+
+def test_math500_and_humaneval_run_on_the_tiny_model(tiny_gguf, tmp_path):
+    math = ps_local("eval", str(tiny_gguf), "math500", "--data", str(MATH500), "--limit", "2", "--methods",
+                    "power,low-temp", "--out", str(tmp_path / "math"), "--max-tokens", "6", "--mcmc-steps", "2")
+    assert math.returncode == 0, math.stderr
+    records = lines(tmp_path / "math")
+    assert len(records) == 4 and records[0]["reference"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert all(r["correct"] is False for r in records)  # the tiny model only says yes and no
+    human = ps_local("eval", str(tiny_gguf), "humaneval", "--limit", "1", "--methods", "greedy",
+                     "--out", str(tmp_path / "code"), "--max-tokens", "6")
+    assert human.returncode == 0, human.stderr
+    (record,) = lines(tmp_path / "code")
+    assert record["id"] == "HumanEval/0" and record["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["nope-task"], "unknown task"),
+        (["humaneval", "--methods", "power,magic"], "--methods"),
+        (["humaneval", "--shard", "3/2"], "--shard"),
+        (["humaneval", "--limit", "0"], "--limit"),
+    ],
+)
+def test_eval_bad_input(tiny_gguf, args, fragment, tmp_path):
+    result = ps_local("eval", str(tiny_gguf), *args, "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr
+
+
+def test_merge_needs_results(tmp_path):
+    result = ps_local("eval", "merge", str(tmp_path))
+    assert result.returncode == 2 and "no results" in result.stderr
