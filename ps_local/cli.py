@@ -14,7 +14,7 @@ from . import __version__
 from .errors import UserError
 from .output import ProgressLine, sample_json, summary_line
 from .prompts import TEMPLATES, PromptSettings, prompt_tokens, template_stops
-from .settings import METHODS, SamplingSettings
+from .settings import METHODS, SamplingSettings, check_request
 
 
 def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,16 +64,6 @@ def settings_from(options: dict[str, Any], method: str = "power") -> SamplingSet
         seed=options["seed"],
         stop=stops,
     )
-
-
-def validated(settings: SamplingSettings, num_samples: int) -> SamplingSettings:
-    try:
-        settings.validate()
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be a positive integer, got {num_samples}")
-    return settings
 
 
 def runtime_from(options: dict[str, Any]) -> Any:
@@ -126,7 +116,7 @@ def generate(
     from .session import Session  # loads llama.cpp: keep --help fast
 
     prompt_settings = PromptSettings(options["template"], options["chat"], options["system"])
-    settings = validated(settings_from(options, method), num_samples)
+    settings = check_request(settings_from(options, method), num_samples)
     text = read_prompt(prompt)
     runtime = runtime_from(options)
     progress = ProgressLine(sys.stderr) if not quiet and sys.stderr.isatty() else None
@@ -199,7 +189,7 @@ def eval_run(model: str, task: str, methods: str, num_samples: int, limit: int |
         raise UserError(f"--methods takes a comma-separated list of {', '.join(METHODS)}, got {methods!r}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be a positive integer, got {limit}")
-    base = validated(settings_from(options), num_samples)
+    base = check_request(settings_from(options), num_samples)
     loaded = load_task(task, data, grader)
     plan = EvalPlan(chosen, num_samples, out or Path("ps-local-eval") / loaded.name, limit,
                     parse_shard(shard) if shard else None, chat, system)

@@ -210,7 +210,12 @@ class Chain:
             keep = int(self.rng.integers(1, n + 1)) - 1  # resample index m = keep + 1, uniform
             # Drawn before the proposal so that decoding can stop once rejection is certain.
             log_u = math.log(self.rng.random() or 5e-324)
-            moves.append(Move(current.prefix(slot, keep), keep, log_u, self._suffix_score(current, keep)))
+            move = Move(current.prefix(slot, keep), keep, log_u, self._suffix_score(current, keep))
+            if not self.reuse_tables:
+                # The plain chain: decode x_{m-1} again for the logits that predict x_m.
+                self._branch(move, current, keep - 1, "running")
+                self.stats.tokens_reevaluated += 1
+            moves.append(move)
 
         used = 0
         while True:

@@ -11,7 +11,7 @@ from .engine import EngineError, LlamaEngine
 from .errors import UserError
 from .gguf_file import check_gguf
 from .sampler import ProgressCallback, sample, slots_per_chain
-from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings
+from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,7 @@ class Session:
         on_sample: Callable[[int, Sample], None] | None = None,
         chain_indices: list[int] | None = None,
     ) -> list[Sample]:
-        try:
-            settings.validate()
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        if num_samples < 1:
-            raise UserError(f"--num-samples must be a positive integer, got {num_samples}")
+        check_request(settings, num_samples)
         if not prompt_tokens:
             raise UserError("the prompt is empty")
         max_tokens = fit_max_tokens(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .errors import UserError
+
 METHODS = ("power", "low-temp", "standard", "greedy")
 DEFAULT_MAX_TOKENS = 3072
 
@@ -74,6 +76,17 @@ class SamplingSettings:
     @property
     def effective_block_size(self) -> int:
         return self.block_size if self.method == "power" else self.token_budget
+
+
+def check_request(settings: SamplingSettings, num_samples: int) -> SamplingSettings:
+    """The settings, or UserError with the one line a user needs."""
+    try:
+        settings.validate()
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be a positive integer, got {num_samples}")
+    return settings
 
 
 @dataclass

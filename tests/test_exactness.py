@@ -84,6 +84,13 @@ def test_batched_proposals_match_p_alpha(case):
     assert total_variation(case.draw(seed=7, round_width=4), case.exact, target) <= tv_bound(target)
 
 
+def test_plain_sequential_chain_matches_p_alpha(case):
+    """The chain with every speed-up off (each proposal token decoded, no early rejection)."""
+    target = case.exact.power(ALPHA)
+    samples = case.draw(seed=8, reuse_tables=False, early_rejection=False)
+    assert total_variation(samples, case.exact, target) <= tv_bound(target)
+
+
 def test_low_temperature_sampling_misses_p_alpha(case):
     target = case.exact.power(ALPHA)
     samples = case.draw(seed=2, method="low-temp")
