@@ -96,7 +96,11 @@ def run_eval(
     seed = base.seed if base.seed is not None else 0
     stops = tuple(dict.fromkeys(base.stop + task.stops))
     prompt_settings = PromptSettings(task.template, plan.chat, plan.system)
-    with results_file(plan).open("a", encoding="utf-8") as out:
+    path = results_file(plan)
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with path.open("a", encoding="utf-8") as out:
+            out.write("\n")  # close a line an interruption cut short, so new lines stay whole
+    with path.open("a", encoding="utf-8") as out:
         for number, problem in enumerate(problems, start=1):
             tokens = prompt_tokens(session.engine, problem.prompt, prompt_settings)
             for method in plan.methods:
