@@ -16,7 +16,8 @@ from .default_model import DEFAULT_MODEL_FILE, cache_dir, default_model_path
 from .errors import UserError
 
 DEFAULT_NAME = "gemma-3-270m"
-CATALOG_FILE = Path(__file__).resolve().parent.parent / "models" / "catalog.json"
+# models/catalog.json, linked into the package so that wheels carry it too.
+CATALOG_FILE = Path(__file__).resolve().parent / "catalog.json"
 REQUIRED_FIELDS = ("file", "size", "quantization", "license", "note")
 
 
