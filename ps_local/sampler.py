@@ -293,7 +293,6 @@ class Chain:
         elif current is not None and not move.branched:
             # The first token of its own: the cache needs the shared prefix, then this token.
             self._branch(move, current, position, "running")
-            move.pending = [draw.token]
         else:
             move.state = "running"
             move.pending = [draw.token]
@@ -308,13 +307,13 @@ class Chain:
         proposal.cached = min(shared, current.cached)
         self.engine.copy_prefix(current.slot, proposal.slot, len(self.prompt) + proposal.cached)
 
-    def _branch(self, move: Move, current: Trajectory, keep: int, state: str) -> None:
-        """Give the proposal's slot the current sequence's cache for the prompt and ``keep``
-        generated tokens, and queue the token after them for decoding."""
-        position = len(self.prompt) + keep
-        self.engine.copy_prefix(current.slot, move.proposal.slot, position)
-        move.proposal.cached = keep
-        move.pending = [(self.prompt + current.tokens)[position]]
+    def _branch(self, move: Move, current: Trajectory, shared: int, state: str) -> None:
+        """Give the proposal's slot the current sequence's cache for the prompt and the first
+        ``shared`` generated tokens, and queue the proposal's next token for decoding."""
+        self.engine.copy_prefix(current.slot, move.proposal.slot, len(self.prompt) + shared)
+        move.proposal.cached = shared
+        # shared = -1 branches inside the prompt: its last token is decoded again.
+        move.pending = [move.proposal.tokens[shared] if shared >= 0 else self.prompt[-1]]
         move.state = state
         move.branched = True
 
