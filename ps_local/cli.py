@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -15,6 +15,9 @@ from .errors import UserError
 from .output import ProgressLine, sample_json, summary_line
 from .prompts import TEMPLATES, PromptSettings, prompt_tokens, template_stops
 from .settings import METHODS, SamplingSettings, check_request
+
+if TYPE_CHECKING:
+    from .session import RuntimeOptions
 
 
 def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,7 +69,7 @@ def settings_from(options: dict[str, Any], method: str = "power") -> SamplingSet
     )
 
 
-def runtime_from(options: dict[str, Any]) -> Any:
+def runtime_from(options: dict[str, Any]) -> "RuntimeOptions":
     from .session import RuntimeOptions
 
     return RuntimeOptions(threads=options["threads"], ctx=options["ctx"], gpu_layers=options["gpu_layers"])

@@ -141,3 +141,17 @@ def test_early_rejection_decides_as_the_full_proposal_would():
         accepted += outcomes[0].stats.accepted
         assert outcomes[0].stats.tokens_decoded <= outcomes[1].stats.tokens_decoded
     assert early_stops > 5 and accepted > 5, "the check needs both early stops and accepted moves"
+
+
+def test_progress_line_reports_block_step_acceptance_and_speed():
+    import io
+
+    from ps_local.output import ProgressLine
+
+    stream = io.StringIO()
+    progress = ProgressLine(stream, interval_s=0.0)
+    sample(toy(scale=1.0), [1, 2], SamplingSettings(max_tokens=8, block_size=4, mcmc_steps=3, seed=1),
+           progress=progress)
+    lines = [line for line in stream.getvalue().split("\r\x1b[K") if line]
+    assert lines and lines[-1].startswith("sample 0: block ")
+    assert "MH step 3/3" in lines[-1] and "accepted" in lines[-1] and "tok/s" in lines[-1]
