@@ -188,7 +188,7 @@ def test_default_max_tokens_shrinks_to_fit(tiny_gguf):
 def test_ctrl_c_exits_130_without_traceback(tiny_gguf):
     process = subprocess.Popen(
         [sys.executable, "-m", "ps_local.cli", "generate", str(tiny_gguf), "yes", "--max-tokens", "3000",
-         "--mcmc-steps", "100000", "--quiet"],
+         "--mcmc-steps", "100000000", "--quiet"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     time.sleep(3)

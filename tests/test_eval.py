@@ -193,12 +193,15 @@ def test_shards_and_merge_equal_one_run(tiny_gguf, words_task, tmp_path):
     assert merged_summary["power"]["pass_at_k"] == whole_summary["power"]["pass_at_k"]
 
 
-def test_ctrl_c_keeps_finished_results(tiny_gguf, words_task, tmp_path):
+def test_ctrl_c_keeps_finished_results(tiny_gguf, tmp_path):
+    many = tmp_path / "many.jsonl"  # long enough a run to be interrupted in the middle
+    many.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "yes no", "answer": "yes"}) + "\n"
+                            for i in range(2000)))
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "ps_local.cli", "eval", str(tiny_gguf), str(words_task), "--methods", "power",
-         "--out", str(out), "--max-tokens", "2000", "--mcmc-steps", "200", "--block-size", "50", "-n", "1",
-         "--grader", "regex", "--limit", "5"],
+        [sys.executable, "-m", "ps_local.cli", "eval", str(tiny_gguf), str(many), "--methods", "power",
+         "--out", str(out), "--max-tokens", "200", "--mcmc-steps", "50", "--block-size", "50", "-n", "1",
+         "--grader", "regex"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 120
@@ -211,7 +214,8 @@ def test_ctrl_c_keeps_finished_results(tiny_gguf, words_task, tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr
-    assert len(lines_skipping_broken(out / "results.jsonl")) >= 1
+    kept = lines_skipping_broken(out / "results.jsonl")
+    assert 1 <= len(kept) < 2000
 
 
 def test_math500_and_humaneval_run_on_the_tiny_model(tiny_gguf, tmp_path):
