@@ -43,16 +43,12 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def prompt_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--chat", is_flag=True, help="Apply the model's own chat template (instruct models)."),
-        click.option("--system", default=None, help="System message (with --chat)."),
-        click.option("--template", type=click.Choice(TEMPLATES), default=None,
-                     help="math: the paper's MATH prompt (answer in \\boxed{}); code: HumanEval-style completion."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def chat_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--chat and --system, for every command that builds prompts."""
+    command = click.option("--system", default=None, help="System message (with --chat).")(command)
+    return click.option("--chat", is_flag=True, help="Apply the model's own chat template (instruct models).")(
+        command
+    )
 
 
 def settings_from(options: dict[str, Any], method: str = "power") -> SamplingSettings:
@@ -101,7 +97,9 @@ def cli() -> None:
 @click.option("--method", type=click.Choice(METHODS), default="power", show_default=True,
               help="power: MH on p^alpha; baselines: low-temp (T=1/alpha), standard (T=1), greedy.")
 @sampling_options
-@prompt_options
+@chat_options
+@click.option("--template", type=click.Choice(TEMPLATES), default=None,
+              help="math: the paper's MATH prompt (answer in \\boxed{}); code: HumanEval-style completion.")
 @click.option("-n", "--num-samples", type=int, default=1, show_default=True, help="Independent samples (chains).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample, one per line.")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
@@ -174,8 +172,7 @@ def eval_group() -> None:
 @click.option("--grader", type=click.Choice(["exact", "regex"]), default="exact", show_default=True,
               help="For a JSONL task: exact match of the completion, or the answer as a regex.")
 @sampling_options
-@click.option("--chat", is_flag=True, help="Apply the model's own chat template (instruct models).")
-@click.option("--system", default=None, help="System message (with --chat).")
+@chat_options
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 def eval_run(model: str, task: str, methods: str, num_samples: int, limit: int | None, out: Path | None,
              shard: str | None, data: Path | None, grader: str, chat: bool, system: str | None, quiet: bool,

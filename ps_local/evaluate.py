@@ -97,10 +97,9 @@ def run_eval(
     stops = tuple(dict.fromkeys(base.stop + task.stops))
     prompt_settings = PromptSettings(task.template, plan.chat, plan.system)
     path = results_file(plan)
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        with path.open("a", encoding="utf-8") as out:
-            out.write("\n")  # close a line an interruption cut short, so new lines stay whole
     with path.open("a", encoding="utf-8") as out:
+        if out.tell() and not _ends_with_newline(path):
+            out.write("\n")  # close a line an interruption cut short, so new lines stay whole
         for number, problem in enumerate(problems, start=1):
             tokens = prompt_tokens(session.engine, problem.prompt, prompt_settings)
             for method in plan.methods:
@@ -137,6 +136,12 @@ def run_eval(
                 session.generate(tokens, settings, plan.num_samples, on_sample=record, chain_indices=missing)
                 log(f"[{number}/{len(problems)}] {problem.id} {method}: {correct}/{len(missing)} correct")
     return read_results([plan.out])
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

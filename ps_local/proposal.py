@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK = 512  # tokens per block of the two-level inverse-CDF sampling
-
-
 TABLE_SIZE = 256  # most tokens a table keeps
 TABLE_FLOOR = 1e-7  # tokens with less than this share of the proposal's mass stay out of tables
 
@@ -84,9 +82,13 @@ class TokenSampler:
         if exclude is not None:
             weights[exclude.ids] = 0.0
             block_sums = self._weights.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)
-            if not block_sums.sum() > 0:  # rounding alone sent the draw outside: nothing is there
-                return self.draw_from_table(exclude, rng) or self._scored(
-                    int(exclude.ids[0]), float(exclude.shifted[0]), log_norm, math.log(total)), table
+            if not block_sums.sum() > 0:
+                # Rounding alone sent the draw outside a table that holds all the mass: draw
+                # inside it again (its most likely token if rounding strikes twice).
+                inside = self.draw_from_table(exclude, rng)
+                if inside is None:
+                    inside = self._scored(int(exclude.ids[0]), float(exclude.shifted[0]), log_norm, math.log(total))
+                return inside, table
         token = self._inverse_cdf(block_sums, rng.random())
         return self._scored(token, float(shifted[token]), log_norm, math.log(total)), table
 

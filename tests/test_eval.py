@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ps_local.evaluate import pass_at_k
+from ps_local.evaluate import pass_at_k, read_results
 from ps_local.grading.code import check_program, run_tests
 from ps_local.grading.math import is_equivalent, last_boxed
 
@@ -150,7 +150,7 @@ def test_jsonl_task_end_to_end_and_resume(tiny_gguf, words_task, tmp_path):
     results.write_text("\n".join(kept) + '\n{"id": "w4", "meth')
     again = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power,standard", "--out", str(out), *FAST)
     assert again.returncode == 0, again.stderr
-    resumed = lines_skipping_broken(results)
+    resumed = read_results([results.parent])
     assert len(resumed) == 20 and resumed[: len(kept)] == [json.loads(line) for line in kept]
     assert again.stderr.count("correct") == 2  # only the (problem, method) pairs with missing samples ran
     # The same seeds give the same samples on a rerun.
@@ -159,16 +159,6 @@ def test_jsonl_task_end_to_end_and_resume(tiny_gguf, words_task, tmp_path):
 
 def essentials(record: dict) -> tuple:
     return record["id"], record["method"], record["sample"], record["tokens"], record["correct"]
-
-
-def lines_skipping_broken(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def sorted_records(records: list[dict]) -> list[dict]:
@@ -207,14 +197,14 @@ def test_ctrl_c_keeps_finished_results(tiny_gguf, tmp_path):
     deadline = time.monotonic() + 120
     results = out / "results.jsonl"
     while time.monotonic() < deadline and process.poll() is None:
-        if results.exists() and lines_skipping_broken(results):
+        if results.exists() and read_results([results.parent]):
             break
         time.sleep(0.2)
     assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr
-    kept = lines_skipping_broken(out / "results.jsonl")
+    kept = read_results([out])
     assert 1 <= len(kept) < 2000
 
 
