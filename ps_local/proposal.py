@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ModelError
+
 BLOCK = 512  # tokens per block of the two-level inverse-CDF sampling
 TABLE_SIZE = 256  # most tokens a table keeps
 TABLE_FLOOR = 1e-7  # tokens with less than this share of the proposal's mass stay out of tables
@@ -45,8 +47,9 @@ class TokenTable:
 class TokenSampler:
     """Samples from softmax(logits / temperature); temperature 0 means argmax."""
 
-    def __init__(self, n_vocab: int, temperature: float, alpha: float):
+    def __init__(self, n_vocab: int, temperature: float, alpha: float, table_size: int = TABLE_SIZE):
         self.temperature = temperature
+        self.table_size = table_size
         self.alpha = alpha
         self.n_vocab = n_vocab
         padded = -(-n_vocab // BLOCK) * BLOCK
@@ -66,6 +69,9 @@ class TokenSampler:
         second stage of a draw that landed outside it.
         """
         peak = float(logits.max())
+        if not math.isfinite(peak):
+            # NaN anywhere makes the maximum NaN; +inf makes it inf; all -inf leaves no token.
+            raise ModelError(f"the model returned non-finite logits (maximum {peak}); its weights or build may be broken")
         shifted = np.subtract(logits, peak, out=self._shifted)
         weights = self._weights[: self.n_vocab]
         np.exp(shifted, out=weights)
@@ -112,8 +118,8 @@ class TokenSampler:
     def _table(self, shifted: np.ndarray, total: float, log_norm: float) -> TokenTable:
         weights = self._weights[: self.n_vocab]
         ids = np.flatnonzero(weights > total * TABLE_FLOOR)
-        if len(ids) > TABLE_SIZE:
-            ids = ids[np.argpartition(weights[ids], -TABLE_SIZE)[-TABLE_SIZE:]]
+        if len(ids) > self.table_size:
+            ids = ids[np.argpartition(weights[ids], -self.table_size)[-self.table_size :]]
         ids = ids[np.argsort(-weights[ids], kind="stable")]
         cumulative = np.cumsum(weights[ids], dtype=np.float64)
         return TokenTable(ids, shifted[ids].copy(), cumulative, total, log_norm)

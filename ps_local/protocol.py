@@ -28,6 +28,10 @@ class Engine(Protocol):
     def is_end_of_generation(self, token: int) -> bool:
         ...
 
+    def length(self, slot: int) -> int:
+        """How many positions a slot caches (prompt included)."""
+        ...
+
     def reset(self) -> None:
         """Empty every slot."""
         ...

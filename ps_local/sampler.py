@@ -18,9 +18,18 @@ from .proposal import TokenDraw, TokenSampler, TokenTable
 from .protocol import DecodeRequest, Engine
 from .settings import Sample, SampleStats, SamplingSettings
 from .stops import StopMatcher
+from .streams import Streams
 
 # A chain yields the decode requests it needs next and receives one logits row for each.
 ChainRun = Generator[list[DecodeRequest], Sequence[np.ndarray], Any]
+
+# Kinds of random stream a chain draws from, each indexed (block, MH step).
+EXTEND_STREAM = 0
+MH_STREAM = 1
+
+
+class CacheInvariantError(RuntimeError):
+    """A bug in ps-local: a slot's cache does not hold what its trajectory says."""
 
 
 @dataclass
@@ -94,7 +103,11 @@ class Move:
     # running: decoding its own tokens; finished; hopeless: certainly rejected.
     state: str = "coupled"
     table: TokenTable | None = None  # the table an "outside" draw must avoid
-    branched: bool = False  # whether its slot holds its own cache yet
+    # Whether its slot holds its own cache: the prompt plus its first ``cached`` tokens.
+    # A coupled proposal's slot is stale (nothing of it was decoded); it gets the current
+    # sequence's cells when it first differs from it, or when it is accepted as it is.
+    owns_cache: bool = False
+    rng: np.random.Generator | None = None  # this MH step's own random stream
 
 
 class Chain:
@@ -104,6 +117,14 @@ class Chain:
     decoded together in one batch, then used in order while they are rejected; the first
     accepted one ends the round and the rest are discarded. Each proposal is an independent
     draw from the state it is used in, so the chain is exactly the sequential one.
+
+    Randomness: every MH step and every block's extension draws from its own stream, derived
+    from (chain seed, step), so a chain's tokens do not depend on the round width, on which
+    chains share a batch, or on how many chains run (exact on the numpy toy; on llama.cpp a
+    different batch can still change floating-point logits).
+
+    Cache invariant: whenever a trajectory owns its slot, the slot holds exactly the prompt
+    plus the trajectory's first ``cached`` tokens. Every decode request checks it.
     """
 
     def __init__(
@@ -124,12 +145,16 @@ class Chain:
         self.settings = settings
         self.prompt = list(prompt)
         self.slots = list(slots)  # the first holds the initial sequence; 1 + max round width
-        self.rng = np.random.default_rng(chain_seed)
+        # Slot 0 for the block extensions, one per proposal of a round after it.
+        self.streams = Streams(chain_seed, 1 + max_round_width)
+        self.rng = self.streams.start(EXTEND_STREAM, 0)
         self.stops = stop_matcher
         self.index = index
         self.progress = progress
         self.temperature = settings.temperature
-        self.token_sampler = TokenSampler(engine.n_vocab, self.temperature, settings.alpha)
+        self.token_sampler = TokenSampler(engine.n_vocab, self.temperature, settings.alpha, settings.table_size)
+        # Engines that can show a slot's tokens (the numpy toy) get the full invariant check.
+        self._slot_tokens: Callable[[int], list[int]] | None = getattr(engine, "slot_tokens", None)
         # A proposal at m draws x'_m, x'_m+1, ... from the same distributions as the current
         # sequence did until it first differs from it: kept as tables, those cost no decoding.
         self.reuse_tables = settings.reuse_tables and settings.steps_per_block > 0
@@ -159,6 +184,7 @@ class Chain:
         ends = block_ends(settings.token_budget, settings.effective_block_size)
         next_logits: np.ndarray | None = prompt_logits
         for block, limit in enumerate(ends, start=1):
+            self.rng = self.streams.start(EXTEND_STREAM, block)
             yield from self._extend(current, limit, next_logits)
             next_logits = None
             steps = 0
@@ -175,7 +201,7 @@ class Chain:
         while len(trajectory.tokens) < limit and trajectory.end is None:
             if next_logits is None:
                 pending = trajectory.tokens[trajectory.cached :]
-                (next_logits,) = yield [(trajectory.slot, pending)]
+                (next_logits,) = yield [self._request(trajectory, pending)]
                 trajectory.cached += len(pending)
                 self.stats.tokens_decoded += len(pending)
             self._append(trajectory, next_logits)
@@ -206,16 +232,21 @@ class Chain:
         log_n = math.log(n)
         free = [slot for slot in self.slots if slot != current.slot]
         moves = []
-        for slot in free[: self._round_width(steps_left)]:
-            keep = int(self.rng.integers(1, n + 1)) - 1  # resample index m = keep + 1, uniform
+        for offset, slot in enumerate(free[: self._round_width(steps_left)]):
+            # Step k of the chain draws from stream k whichever round it lands in, so a
+            # proposal discarded after an acceptance is drawn again, identically, from the
+            # new state: the chain is the width-1 chain token for token.
+            rng = self.streams.start(MH_STREAM, self.stats.mh_steps + offset, slot=1 + offset)
+            keep = int(rng.integers(1, n + 1)) - 1  # resample index m = keep + 1, uniform
             # Drawn before the proposal so that decoding can stop once rejection is certain.
-            log_u = math.log(self.rng.random() or 5e-324)
-            move = Move(current.prefix(slot, keep), keep, log_u, self._suffix_score(current, keep))
+            log_u = math.log(rng.random() or 5e-324)
+            move = Move(current.prefix(slot, keep), keep, log_u, self._suffix_score(current, keep), rng=rng)
             if not self.reuse_tables:
                 # The plain chain: decode x_{m-1} again for the logits that predict x_m.
                 self._branch(move, current, keep - 1, "running")
                 self.stats.tokens_reevaluated += 1
             moves.append(move)
+        self.stats.widest_round = max(self.stats.widest_round, len(moves))
 
         used = 0
         while True:
@@ -229,23 +260,27 @@ class Chain:
                 self._count(move)
                 if move.state == "finished" and self._accepts(move, log_n):
                     self.stats.accepted += 1
-                    if not move.branched:
-                        self._adopt_cache(move.proposal, current)
+                    proposal = move.proposal
+                    if proposal.tokens != current.tokens or proposal.end != current.end:
+                        self.stats.moved += 1
+                    if not move.owns_cache:
+                        self._adopt_cache(proposal, current)
+                    self._check_cache(proposal)
                     for discarded in moves[used:]:
                         self.stats.discarded_tokens += len(discarded.proposal.tokens) - discarded.keep
                     return move.proposal, used
             if used == len(moves):
                 return current, used
             waiting = [move for move in moves[used:] if move.state in ("running", "outside")]
-            rows = yield [(move.proposal.slot, move.pending) for move in waiting]
+            rows = yield [self._request(move.proposal, move.pending) for move in waiting]
             for move, row in zip(waiting, rows):
                 move.proposal.cached += len(move.pending)
                 self.stats.tokens_decoded += len(move.pending)
                 if move.state == "outside":
-                    draw, _ = self.token_sampler.draw_with_table(row, self.rng, with_table=False, exclude=move.table)
+                    draw, _ = self.token_sampler.draw_with_table(row, move.rng, with_table=False, exclude=move.table)
                     self._take(move, draw, move.table, current, limit, log_n)
                 else:
-                    draw, table = self.token_sampler.draw_with_table(row, self.rng, with_table=self.reuse_tables)
+                    draw, table = self.token_sampler.draw_with_table(row, move.rng, with_table=self.reuse_tables)
                     self._take(move, draw, table, None, limit, log_n)
 
     def _walk(self, move: Move, current: Trajectory, limit: int, log_n: float) -> None:
@@ -259,7 +294,7 @@ class Chain:
                 move.state = "finished"
                 return
             table = current.tables[position]
-            draw = self.token_sampler.draw_from_table(table, self.rng) if table is not None else None
+            draw = self.token_sampler.draw_from_table(table, move.rng) if table is not None else None
             if draw is None:
                 # Outside the table: decode the token before this position again for the
                 # full logits, then draw among the tokens the table leaves out.
@@ -289,11 +324,17 @@ class Chain:
         elif self.early_rejection and not self._may_accept(move, log_n):
             move.state = "hopeless"
         elif current is not None and draw.token == current.tokens[position]:
+            # Equal to the current sequence again (also after a draw outside a table that
+            # landed on the current token): back to its tables. Whatever the slot holds is
+            # stale from here; the next divergence or an acceptance copies the cells anew.
             move.state = "coupled"
-        elif current is not None and not move.branched:
+            move.owns_cache = False
+        elif current is not None and not move.owns_cache:
             # The first token of its own: the cache needs the shared prefix, then this token.
             self._branch(move, current, position, "running")
         else:
+            # Decoding its own tokens (or just past a draw outside a table, whose position's
+            # logits it decoded into its own slot): the next token goes on top.
             move.state = "running"
             move.pending = [draw.token]
 
@@ -315,7 +356,24 @@ class Chain:
         # shared = -1 branches inside the prompt: its last token is decoded again.
         move.pending = [move.proposal.tokens[shared] if shared >= 0 else self.prompt[-1]]
         move.state = state
-        move.branched = True
+        move.owns_cache = True
+
+    def _request(self, trajectory: Trajectory, tokens: list[int]) -> DecodeRequest:
+        """A decode request appending ``tokens`` to a trajectory's slot, invariant checked."""
+        self._check_cache(trajectory)
+        return trajectory.slot, tokens
+
+    def _check_cache(self, trajectory: Trajectory) -> None:
+        """The slot must hold the prompt and the trajectory's first ``cached`` tokens: a
+        token decoded onto any other context gets the wrong logits, draws and log p."""
+        held = self.engine.length(trajectory.slot)
+        expected = len(self.prompt) + trajectory.cached
+        if held != expected:
+            raise CacheInvariantError(f"slot {trajectory.slot} holds {held} positions, the chain expects {expected}")
+        if self._slot_tokens is not None:
+            if self._slot_tokens(trajectory.slot) != (self.prompt + trajectory.tokens)[:expected]:
+                raise CacheInvariantError(f"slot {trajectory.slot} holds other tokens than its trajectory")
+
 
     def _may_accept(self, move: Move, log_n: float) -> bool:
         """Whether the move can still be accepted, whatever tokens would follow."""

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .proposal import TABLE_SIZE
 
 METHODS = ("power", "low-temp", "standard", "greedy")
 DEFAULT_MAX_TOKENS = 3072
@@ -31,6 +32,7 @@ class SamplingSettings:
     # off to measure the plain sequential chain.
     early_rejection: bool = True
     reuse_tables: bool = True
+    table_size: int = TABLE_SIZE  # most tokens a reused table keeps (tests shrink it to 1)
     # Only the exactness tests switch this off, to show that dropping log n - log n'
     # (as the reference code does) biases the chain.
     length_term: bool = True
@@ -48,6 +50,10 @@ class SamplingSettings:
             raise ValueError(f"--mcmc-steps must be >= 0, got {self.mcmc_steps}")
         if self.proposal_temp is not None and not (0 < self.proposal_temp < math.inf):
             raise ValueError(f"--proposal-temp must be a positive finite number, got {self.proposal_temp}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be an integer from 0 to 2^63 - 1, got {self.seed}")
+        if self.table_size < 1:
+            raise ValueError(f"table_size must be >= 1, got {self.table_size}")
         if any(s == "" for s in self.stop):
             raise ValueError("--stop strings must not be empty")
 
@@ -99,6 +105,7 @@ class SampleStats:
     chain: int = 0  # index among the -n independent chains; its RNG derives from (seed, chain)
     mh_steps: int = 0
     accepted: int = 0
+    moved: int = 0  # accepted proposals that changed the sequence (the rest reproduced it)
     acceptance_rate: float | None = None
     tokens_decoded: int = 0
     tokens_reevaluated: int = 0
@@ -107,6 +114,7 @@ class SampleStats:
     early_rejections: int = 0  # proposals abandoned once their rejection was certain
     discarded_tokens: int = 0  # tokens of batched proposals dropped after an earlier acceptance
     reused_tokens: int = 0  # proposal tokens drawn from stored distributions, not decoded
+    widest_round: int = 0  # most proposals decoded together in one MH round
     stop_reason: str = "length"  # length | eos | stop
     wall_s: float = 0.0
 

@@ -41,6 +41,13 @@ class ToyEngine:
         row[self.eos] += self.eos_bias
         return row.astype(np.float32)
 
+    def length(self, slot: int) -> int:
+        return len(self.slots.get(slot, []))
+
+    def slot_tokens(self, slot: int) -> list[int]:
+        """The tokens a slot holds (the sampler checks its cache invariant against them)."""
+        return list(self.slots.get(slot, []))
+
     def reset(self) -> None:
         self.slots.clear()
 

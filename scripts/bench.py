@@ -51,6 +51,9 @@ class ReevaluatingEngine:
     def is_end_of_generation(self, token: int) -> bool:
         return self.inner.is_end_of_generation(token)
 
+    def length(self, slot: int) -> int:
+        return len(self.tokens.get(slot, []))  # what the slot would hold, had it kept its cache
+
     def reset(self) -> None:
         self.inner.reset()
         self.tokens.clear()

@@ -6,7 +6,13 @@ tokenizes instead of aborting llama.cpp) and a handful of words. Byte, <unk> and
 pushed to probability ~e^-200 through a constant residual dimension, so the model effectively
 generates only the words and </s>: its whole sequence space can be enumerated.
 
-    python scripts/make_tiny_gguf.py tiny.gguf [--seed N] [--chat-template]
+    python scripts/make_tiny_gguf.py tiny.gguf [--seed N] [--chat-template] [--extra-words N]
+        [--logit-scale S] [--no-byte-tokens]
+
+``--extra-words N`` adds N more generated words ("▁w0", "▁w1", ...): with a small
+``--logit-scale`` the model is flat over hundreds of tokens, so a proposal's draws often fall
+outside a stored table. ``--no-byte-tokens`` leaves the byte fall-back out (llama.cpp then
+aborts on text it cannot tokenize: ps-local must refuse such a prompt first).
 """
 
 from __future__ import annotations
@@ -29,32 +35,46 @@ CHAT_TEMPLATE = (
 )
 
 
-def vocabulary() -> tuple[list[str], list[int]]:
+def words(extra_words: int = 0) -> list[str]:
+    return WORDS + [f"▁w{i}" for i in range(extra_words)]
+
+
+def vocabulary(extra_words: int = 0, byte_tokens: bool = True) -> tuple[list[str], list[int]]:
     from gguf import TokenType
 
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + WORDS
-    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
-    types += [TokenType.NORMAL] * len(WORDS)
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)] if byte_tokens else []
+    tokens = ["<unk>", "<s>", "</s>"] + byte_pieces + words(extra_words)
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * len(byte_pieces)
+    types += [TokenType.NORMAL] * len(words(extra_words))
     # SentencePiece merges pairs of pieces that are in the vocabulary, so the words need
     # their prefixes ("▁y", "▁ye") as stepping stones. The model never generates those.
-    stepping_stones = sorted({word[:end] for word in WORDS for end in range(2, len(word))})
+    stepping_stones = sorted({word[:end] for word in WORDS for end in range(2, len(word))} - set(tokens))
     tokens += stepping_stones
     types += [TokenType.NORMAL] * len(stepping_stones)
     return tokens, [int(t) for t in types]
 
 
-def generated_token_ids() -> list[int]:
+def generated_token_ids(extra_words: int = 0, byte_tokens: bool = True) -> list[int]:
     """The tokens the model can realistically generate: </s> and the words."""
-    return [2] + list(range(3 + 256, 3 + 256 + len(WORDS)))
+    first = 3 + (256 if byte_tokens else 0)
+    return [2] + list(range(first, first + len(words(extra_words))))
 
 
-def write_tiny_gguf(path: Path, seed: int = 26, logit_scale: float = 1.0, chat_template: bool = False) -> Path:
+def write_tiny_gguf(
+    path: Path,
+    seed: int = 26,
+    logit_scale: float = 1.0,
+    chat_template: bool = False,
+    extra_words: int = 0,
+    byte_tokens: bool = True,
+    nan_logits: bool = False,
+) -> Path:
     from gguf import GGUFWriter
 
     rng = np.random.default_rng(seed)
-    tokens, types = vocabulary()
+    tokens, types = vocabulary(extra_words, byte_tokens)
     n_vocab = len(tokens)
-    generated = set(generated_token_ids())
+    generated = set(generated_token_ids(extra_words, byte_tokens))
 
     def normal(*shape: int, scale: float = 1.0) -> np.ndarray:
         return (scale * rng.standard_normal(shape)).astype(np.float32)
@@ -72,7 +92,8 @@ def write_tiny_gguf(path: Path, seed: int = 26, logit_scale: float = 1.0, chat_t
     writer.add_file_type(0)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * 3 + [-1000.0] * 256 + [-1.0] * (len(tokens) - 259))
+    n_bytes = 256 if byte_tokens else 0
+    writer.add_token_scores([0.0] * 3 + [-1000.0] * n_bytes + [-1.0] * (len(tokens) - 3 - n_bytes))
     writer.add_token_types(types)
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
@@ -108,6 +129,8 @@ def write_tiny_gguf(path: Path, seed: int = 26, logit_scale: float = 1.0, chat_t
         if token not in generated:
             output[token, :] = 0.0
             output[token, 0] = -SUPPRESSED_LOGIT_SCALE
+    if nan_logits:
+        output[generated_token_ids(extra_words, byte_tokens)[1], :] = np.nan  # a broken model
     writer.add_tensor("output.weight", output)
 
     writer.write_header_to_file()
@@ -123,8 +146,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=26)
     parser.add_argument("--logit-scale", type=float, default=1.0)
     parser.add_argument("--chat-template", action="store_true", help="embed a small chat template")
+    parser.add_argument("--extra-words", type=int, default=0, help="more generated words (a wide vocabulary)")
+    parser.add_argument("--no-byte-tokens", action="store_true", help="no byte fall-back tokens")
+    parser.add_argument("--nan-logits", action="store_true", help="a broken model whose logits are NaN")
     args = parser.parse_args()
-    write_tiny_gguf(args.path, args.seed, args.logit_scale, args.chat_template)
+    write_tiny_gguf(args.path, args.seed, args.logit_scale, args.chat_template, args.extra_words,
+                    not args.no_byte_tokens, args.nan_logits)
     print(args.path)
 
 

@@ -108,8 +108,10 @@ def test_baselines_decode_each_token_once():
 
 def test_same_seed_same_tokens_and_chains_differ():
     settings = SamplingSettings(max_tokens=10, block_size=5, mcmc_steps=4, seed=11)
-    first = sample(toy(scale=0.5), [1], settings, num_samples=4)
-    second = sample(toy(scale=0.5), [1], settings, num_samples=4)
+    # No EOS: ten-token sequences, so independent chains almost surely differ (with EOS,
+    # "a </s>" carries ~60% of p^alpha here and four chains often agree by chance).
+    first = sample(toy(scale=0.5, eos_bias=-50.0), [1], settings, num_samples=4)
+    second = sample(toy(scale=0.5, eos_bias=-50.0), [1], settings, num_samples=4)
     assert [s.tokens for s in first] == [s.tokens for s in second]
     assert len({tuple(s.tokens) for s in first}) > 1
 
