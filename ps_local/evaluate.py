@@ -127,6 +127,7 @@ def run_eval(
                         "tokens_decoded": sample.stats.tokens_decoded,
                         "wall_s": sample.stats.wall_s,
                         "acceptance_rate": sample.stats.acceptance_rate,
+                        "moved_rate": sample.stats.moved / sample.stats.mh_steps if sample.stats.mh_steps else None,
                         "seed": settings.seed,
                     }
                     out.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -162,6 +163,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         n = min(len(v) for v in by_problem.values())
         ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128, n) if k <= n})
         rates = [r["acceptance_rate"] for r in rows if r.get("acceptance_rate") is not None]
+        moved = [r["moved_rate"] for r in rows if r.get("moved_rate") is not None]
         summary[method] = {
             "problems": len(by_problem),
             "samples": len(rows),
@@ -172,6 +174,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "mean_tokens_decoded": sum(r["tokens_decoded"] for r in rows) / len(rows),
             "mean_wall_s": sum(r["wall_s"] for r in rows) / len(rows),
             "mean_acceptance_rate": sum(rates) / len(rates) if rates else None,
+            "mean_moved_rate": sum(moved) / len(moved) if moved else None,
         }
     return summary
 
@@ -179,14 +182,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def summary_table(summary: dict[str, dict[str, Any]]) -> str:
     ks = sorted({int(k) for s in summary.values() for k in s["pass_at_k"]})
     header = "| method | problems | accuracy | " + " | ".join(f"pass@{k}" for k in ks)
-    header += " | tokens decoded | wall s | acceptance |"
-    lines = [header, "|---|---:|---:|" + "---:|" * len(ks) + "---:|---:|---:|"]
+    header += " | tokens decoded | wall s | acceptance | moved |"
+    lines = [header, "|---|---:|---:|" + "---:|" * len(ks) + "---:|---:|---:|---:|"]
     for method, s in summary.items():
         passes = " | ".join(f"{s['pass_at_k'][str(k)]:.3f}" if str(k) in s["pass_at_k"] else "" for k in ks)
         acceptance = "" if s["mean_acceptance_rate"] is None else f"{s['mean_acceptance_rate']:.2f}"
+        moved = "" if s.get("mean_moved_rate") is None else f"{s['mean_moved_rate']:.2f}"
         lines.append(
             f"| {method} | {s['problems']} | {s['accuracy']:.3f} | {passes} | "
-            f"{s['mean_tokens_decoded']:.0f} | {s['mean_wall_s']:.1f} | {acceptance} |"
+            f"{s['mean_tokens_decoded']:.0f} | {s['mean_wall_s']:.1f} | {acceptance} | {moved} |"
         )
     return "\n".join(lines)
 

@@ -41,7 +41,10 @@ def summary_line(sample: Sample) -> str:
     parts.append(f"{len(sample.tokens)} tokens ({stats.stop_reason})")
     parts.append(f"{stats.tokens_decoded} decoded, {stats.tokens_reevaluated} re-evaluated")
     if stats.acceptance_rate is not None:
-        parts.append(f"acceptance {stats.accepted}/{stats.mh_steps} ({stats.acceptance_rate:.0%})")
+        # Accepting a proposal that reproduced the current sequence does not move the chain:
+        # "moved" is what shows mixing, acceptance alone can read 100% for a chain stuck still.
+        parts.append(f"moved {stats.moved}/{stats.mh_steps} ({stats.moved / stats.mh_steps:.0%}), "
+                     f"accepted {stats.accepted}/{stats.mh_steps}")
     parts.append(f"{stats.wall_s:.1f} s, seed {stats.seed}")
     return ", ".join(parts)
 
