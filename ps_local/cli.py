@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from . import __version__
-from .errors import UserError
+from .errors import PsLocalError, UserError
 from .output import ProgressLine, sample_json, summary_line
 from .prompts import TEMPLATES, PromptSettings, prompt_tokens, template_stops
+from .memory import CACHE_TYPES
 from .settings import METHODS, SamplingSettings, check_request
 
 if TYPE_CHECKING:
@@ -37,6 +38,13 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ctx", type=int, default=None, help="Context length [default: the model's trained context]."),
         click.option("--gpu-layers", type=int, default=-1, show_default=True,
                      help="Layers to offload (Metal/CUDA builds); -1: all."),
+        click.option("--chains-per-batch", type=int, default=8, show_default=True,
+                     help="Most chains decoded together; each holds its own KV cells (memory)."),
+        click.option("--round-width", type=int, default=None,
+                     help="Most proposals per chain decoded together [default: 8 / chains]; "
+                          "each holds KV cells. Never changes the samples."),
+        click.option("--cache-type", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
+                     help="KV cache element type; q8_0 halves the cache (slightly different logits)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -68,13 +76,47 @@ def settings_from(options: dict[str, Any], method: str = "power") -> SamplingSet
 def runtime_from(options: dict[str, Any]) -> "RuntimeOptions":
     from .session import RuntimeOptions
 
-    return RuntimeOptions(threads=options["threads"], ctx=options["ctx"], gpu_layers=options["gpu_layers"])
+    return RuntimeOptions(
+        threads=options["threads"],
+        ctx=options["ctx"],
+        gpu_layers=options["gpu_layers"],
+        chains_per_batch=options["chains_per_batch"],
+        round_width=options["round_width"],
+        cache_type=options["cache_type"],
+    )
+
+
+# Options that only some methods read: given explicitly to a method that ignores them, they
+# would silently do nothing, so they are refused.
+METHOD_OPTIONS = {
+    "alpha": ("power", "low-temp"),
+    "block_size": ("power",),
+    "mcmc_steps": ("power",),
+    "proposal_temp": ("power",),
+    "round_width": ("power",),
+}
+
+
+def check_explicit_options(context: click.Context, methods: tuple[str, ...]) -> None:
+    """UserError for an option set on the command line that none of ``methods`` uses."""
+    for name, users in METHOD_OPTIONS.items():
+        if context.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:
+            continue
+        if not any(method in users for method in methods):
+            flag = "--" + name.replace("_", "-")
+            chosen = ", ".join(methods)
+            raise UserError(f"{flag} has no effect with --method{'s' if len(methods) > 1 else ''} {chosen} "
+                            f"(it is used by {', '.join(users)}); drop it")
 
 
 def read_prompt(prompt: str | None) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin is None:
             raise UserError("no prompt given and no standard input to read it from")
+        if sys.stdin.isatty():
+            # Otherwise a forgotten PROMPT looks like a hang.
+            click.echo("ps-local: reading the prompt from the terminal; end it with Ctrl-D "
+                       "(or give PROMPT as an argument)", err=True)
         data = sys.stdin.buffer.read()
         try:
             prompt = data.decode("utf-8")
@@ -103,8 +145,11 @@ def cli() -> None:
 @click.option("-n", "--num-samples", type=int, default=1, show_default=True, help="Independent samples (chains).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample, one per line.")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
+@click.option("--dry-run", is_flag=True, help="Show the KV cache the run would allocate, and stop.")
+@click.pass_context
 def generate(
-    model: str, prompt: str | None, method: str, num_samples: int, as_json: bool, quiet: bool, **options: Any
+    context: click.Context, model: str, prompt: str | None, method: str, num_samples: int, as_json: bool,
+    quiet: bool, dry_run: bool, **options: Any
 ) -> None:
     """Sample a continuation of PROMPT (or standard input when PROMPT is - or absent).
 
@@ -118,6 +163,7 @@ def generate(
 
     prompt_settings = PromptSettings(options["template"], options["chat"], options["system"])
     settings = check_request(settings_from(options, method), num_samples)
+    check_explicit_options(context, (method,))
     text = read_prompt(prompt)
     runtime = runtime_from(options)
     progress = ProgressLine(sys.stderr) if not quiet and sys.stderr.isatty() else None
@@ -140,6 +186,9 @@ def generate(
 
     with Session(resolve_model(model), runtime) as session:
         tokens = prompt_tokens(session.engine, text, prompt_settings)
+        if dry_run:
+            click.echo(session.plan(tokens, settings, num_samples).describe())
+            return
         session.generate(tokens, settings, num_samples, progress=progress, on_sample=emit)
 
 
@@ -174,9 +223,10 @@ def eval_group() -> None:
 @sampling_options
 @chat_options
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
-def eval_run(model: str, task: str, methods: str, num_samples: int, limit: int | None, out: Path | None,
-             shard: str | None, data: Path | None, grader: str, chat: bool, system: str | None, quiet: bool,
-             **options: Any) -> None:
+@click.pass_context
+def eval_run(context: click.Context, model: str, task: str, methods: str, num_samples: int, limit: int | None,
+             out: Path | None, shard: str | None, data: Path | None, grader: str, chat: bool, system: str | None,
+             quiet: bool, **options: Any) -> None:
     """Sample every problem with each method, grade, and summarize (resumable)."""
     from .evaluate import EvalPlan, parse_shard, run_eval, summarize, summary_table, write_summary
     from .models import resolve_model
@@ -190,6 +240,7 @@ def eval_run(model: str, task: str, methods: str, num_samples: int, limit: int |
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be a positive integer, got {limit}")
     base = check_request(settings_from(options), num_samples)
+    check_explicit_options(context, chosen)
     loaded = load_task(task, data, grader)
     plan = EvalPlan(chosen, num_samples, out or Path("ps-local-eval") / loaded.name, limit,
                     parse_shard(shard) if shard else None, chat, system)
@@ -257,6 +308,7 @@ def info(model: str, as_json: bool) -> None:
 
     with Session(resolve_model(model)) as session:
         details = session.engine.describe()
+        details.update(session.memory_summary())
     if as_json:
         click.echo(json.dumps(details))
         return
@@ -277,7 +329,7 @@ def run_cli(main: click.Group, argv: list[str] | None = None) -> int:
     """Run a click group with ps-local's error contract: one line on stderr, no traceback."""
     try:
         result = main.main(args=argv, prog_name="ps-local", standalone_mode=False)
-    except UserError as error:
+    except PsLocalError as error:
         click.echo(f"ps-local: error: {error}", err=True)
         return error.exit_code
     except click.exceptions.Exit as done:
@@ -294,6 +346,17 @@ def run_cli(main: click.Group, argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as error:
+        # A read-only cache or output folder, a full disk, ...: what and where, in one line.
+        where = f": {error.filename}" if error.filename else ""
+        click.echo(f"ps-local: error: {error.strerror or error}{where}", err=True)
+        return 1
+    except Exception as error:  # a bug: still one line, with a way to see the traceback
+        if os.environ.get("PS_LOCAL_DEBUG"):
+            raise
+        click.echo(f"ps-local: internal error: {type(error).__name__}: {error} "
+                   "(please report it; PS_LOCAL_DEBUG=1 shows the traceback)", err=True)
+        return 70
     return result if isinstance(result, int) else 0
 
 

@@ -13,26 +13,35 @@ import os
 import re
 from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 import llama_cpp.llama_cpp as llama
 
+from .errors import ModelError, UserError
+from .gguf_file import read_metadata
 from .protocol import DecodeRequest
+from .spm_check import byte_fallback, unencodable_character
 
 
-class EngineError(RuntimeError):
+class EngineError(ModelError):
     """llama.cpp refused something (a file it cannot load, a full cache, ...)."""
 
 
-_log_lines: deque[str] = deque(maxlen=50)
+_log_lines: deque[str] = deque(maxlen=400)
+GGML_LOG_LEVEL_DEBUG = 1
+
+CACHE_GGML_TYPES = {"f16": llama.GGML_TYPE_F16, "q8_0": llama.GGML_TYPE_Q8_0}
+BYTE_TOKEN_TYPE = 6  # gguf.TokenType.BYTE: the <0xXX> fall-back tokens
 
 
 @llama.llama_log_callback
 def _keep_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    # llama.cpp writes to stderr even when asked to be quiet; keep its lines to explain failures.
-    _log_lines.append(text.decode("utf-8", errors="replace"))
+    # llama.cpp writes to stderr even when asked to be quiet; keep its lines to explain failures
+    # (not the debug ones, which would push the root cause out of the buffer).
+    if level != GGML_LOG_LEVEL_DEBUG:
+        _log_lines.append(text.decode("utf-8", errors="replace"))
 
 
 _backend_ready = False
@@ -62,7 +71,14 @@ def supports_gpu_offload() -> bool:
 class LlamaEngine:
     """A GGUF model and, once :meth:`allocate` has run, a context with ``n_slots`` sequences."""
 
-    def __init__(self, model_path: str | os.PathLike[str], n_threads: int | None = None, n_gpu_layers: int = -1):
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        n_threads: int | None = None,
+        n_gpu_layers: int = -1,
+        metadata: Mapping[str, object] | None = None,
+    ):
+        """``metadata``: the file's GGUF metadata when the caller has read it already."""
         _init_backend()
         self.path = Path(model_path)
         self.n_threads = n_threads or os.cpu_count() or 1
@@ -73,6 +89,12 @@ class LlamaEngine:
         if not self.model:
             reason = _first_error() or "llama.cpp could not load it"
             raise EngineError(f"cannot load model {self.path}: {reason}")
+        is_hybrid = getattr(llama, "llama_model_is_hybrid", lambda model: False)  # newer bindings only
+        if llama.llama_model_is_recurrent(self.model) or is_hybrid(self.model):
+            # Caught from the GGUF header before loading; this guards architectures added since.
+            self.close()
+            raise EngineError(f"{self.path} is a recurrent or hybrid model: llama.cpp cannot branch its state "
+                              "at a resample index, so ps-local cannot power-sample it")
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.n_vocab = int(llama.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(self.model))
@@ -81,6 +103,9 @@ class LlamaEngine:
         self.n_batch = 0
         self._lengths: list[int] = []
         self._pieces: dict[int, bytes] = {}
+        metadata = read_metadata(self.path) if metadata is None else metadata
+        self._spm_pieces = self._spm_without_byte_fallback(metadata)
+        self._spm_space_prefix = metadata.get("tokenizer.ggml.add_space_prefix", True) is not False
         self._eog: dict[int, bool] = {}
 
     # -- vocabulary ----------------------------------------------------------------------
@@ -91,6 +116,7 @@ class LlamaEngine:
         ``special`` parses control-token text (needed after a chat template, which may
         also spell out BOS itself: then ``add_bos`` is False).
         """
+        self._check_encodable(text)
         data = text.encode("utf-8")
         capacity = len(data) + 16
         while True:
@@ -99,6 +125,33 @@ class LlamaEngine:
             if count >= 0:
                 return list(buffer[:count])
             capacity = -count
+
+    def _check_encodable(self, text: str) -> None:
+        """UserError for text that llama.cpp's SentencePiece tokenizer would abort the whole
+        process on: a character in no vocabulary piece, with no byte token to fall back to."""
+        if self._spm_pieces is None:
+            return
+        char = unencodable_character(text, self._spm_pieces, self._spm_space_prefix)
+        if char is not None:
+            raise UserError(
+                f"the prompt contains {char!r} (U+{ord(char):04X}), which this model's vocabulary cannot encode "
+                "(it has no byte fall-back tokens)"
+            )
+
+    def _spm_without_byte_fallback(self, metadata: Mapping[str, object]) -> dict[str, float] | None:
+        """The vocabulary's pieces and scores when it is SentencePiece and lacks byte tokens
+        (llama.cpp aborts on text it cannot encode); None for every other vocabulary."""
+        if llama.llama_vocab_type(self.vocab) != llama.LLAMA_VOCAB_TYPE_SPM:
+            return None  # the other tokenizers skip what they cannot encode instead
+        types = metadata.get("tokenizer.ggml.token_type")
+        if isinstance(types, list) and sum(1 for kind in types if kind == BYTE_TOKEN_TYPE) >= 256:
+            return None  # the usual case, decided from the header without touching 262k tokens
+        pieces = {
+            (llama.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", errors="replace"):
+            float(llama.llama_vocab_get_score(self.vocab, token))
+            for token in range(self.n_vocab)
+        }
+        return None if all(byte_fallback(pieces, byte) for byte in range(256)) else pieces
 
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -158,8 +211,9 @@ class LlamaEngine:
 
     # -- the KV cache --------------------------------------------------------------------
 
-    def allocate(self, n_ctx: int, n_slots: int) -> None:
-        """Create the context: ``n_ctx`` KV cells shared by ``n_slots`` sequences."""
+    def allocate(self, n_ctx: int, n_slots: int, cache_type: str = "f16") -> None:
+        """Create the context: ``n_ctx`` KV cells shared by ``n_slots`` sequences, stored as
+        ``cache_type`` (f16 or q8_0)."""
         self.close_context()
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -171,6 +225,9 @@ class LlamaEngine:
         params.kv_unified = True  # partial seq_cp between sequences needs one shared cache
         params.swa_full = True  # sliding-window layers must keep every cell for seq_rm of a suffix
         params.no_perf = True
+        params.type_k = params.type_v = CACHE_GGML_TYPES[cache_type]
+        if cache_type != "f16":
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED  # a quantized V cache needs it
         _log_lines.clear()
         ctx = llama.llama_init_from_model(self.model, params)
         if not ctx:

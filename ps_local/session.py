@@ -9,18 +9,45 @@ from typing import Callable
 
 from .engine import EngineError, LlamaEngine
 from .errors import UserError
-from .gguf_file import check_gguf
+from .gguf_file import check_architecture, check_gguf, read_metadata
+from .memory import CACHE_TYPES, CachePlan, KvShape, check_cache_type, format_bytes, kv_bytes_per_cell, plan_cache
 from .sampler import ProgressCallback, sample, slots_per_chain
 from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
 
 
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: the most sequences (slots) one context holds
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
+    """How a model runs on this machine. None of these changes which samples a seed gives
+    (on llama.cpp a different batch can still change floating-point results)."""
+
     threads: int | None = None  # None: all cores
     ctx: int | None = None  # per-sequence context; None: the model's trained context
     gpu_layers: int = -1  # -1: every layer when the build can offload (Metal, CUDA), else none
     chains_per_batch: int = 8  # chains that advance together in one batched decode
+    round_width: int | None = None  # proposals per chain decoded together; None: batch_width // chains
     batch_width: int = 8  # sequences one decode may carry: a lone chain fills it with proposals
+    cache_type: str = "f16"  # KV cache element type: f16 or q8_0
+
+    def validate(self) -> None:
+        for name, value in (("--threads", self.threads), ("--ctx", self.ctx),
+                            ("--chains-per-batch", self.chains_per_batch), ("--round-width", self.round_width)):
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be a positive integer, got {value}")
+        if self.gpu_layers < -1:
+            raise UserError(f"--gpu-layers must be -1 (all layers) or a number of layers >= 0, got {self.gpu_layers}")
+        if self.cache_type not in CACHE_TYPES:
+            raise UserError(f"--cache-type must be one of {', '.join(CACHE_TYPES)}, got {self.cache_type!r}")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How many chains share a batch and how many proposals each decodes together."""
+
+    chains: int
+    round_width: int  # 0 for the baselines, which propose nothing
 
 
 def fit_max_tokens(prompt_tokens: int, requested: int | None, ctx: int | None, n_ctx_train: int) -> int:
@@ -44,20 +71,48 @@ class Session:
     def __init__(self, model_path: str | os.PathLike[str], options: RuntimeOptions = RuntimeOptions()):
         path = Path(model_path)
         check_gguf(path)
-        if options.threads is not None and options.threads < 1:
-            raise UserError(f"--threads must be a positive integer, got {options.threads}")
-        if options.ctx is not None and options.ctx < 1:
-            raise UserError(f"--ctx must be a positive integer, got {options.ctx}")
+        options.validate()
+        metadata = read_metadata(path)
+        # Refused before llama.cpp loads it: a recurrent state cannot be branched.
+        check_architecture(metadata, str(path))
+        try:
+            self.kv_shape: KvShape | None = KvShape.from_metadata(metadata)
+        except UserError:
+            self.kv_shape = None  # an architecture the estimate does not know: sizes unknown
+        if self.kv_shape is not None:
+            check_cache_type(self.kv_shape, options.cache_type)
         self.options = options
         try:
-            self.engine = LlamaEngine(path, n_threads=options.threads, n_gpu_layers=options.gpu_layers)
+            self.engine = LlamaEngine(path, n_threads=options.threads, n_gpu_layers=options.gpu_layers,
+                                      metadata=metadata)
         except EngineError as error:
             raise UserError(str(error)) from None
+        if options.ctx is not None and options.ctx > self.engine.n_ctx_train:
+            self.engine.close()
+            raise UserError(f"--ctx {options.ctx} exceeds the model's trained context of {self.engine.n_ctx_train} tokens")
         self._cells = 0
         self._slots = 0
 
     def tokenize(self, prompt: str, special: bool = False) -> list[int]:
         return self.engine.tokenize(prompt, special=special)
+
+    def layout(self, settings: SamplingSettings, chains: int) -> BatchLayout:
+        """Chains per batch and proposals per round, within llama.cpp's sequence limit."""
+        chains = min(chains, self.options.chains_per_batch)
+        if not settings.steps_per_block:
+            return BatchLayout(min(chains, MAX_SEQUENCES - 1), 0)
+        width = self.options.round_width or max(1, self.options.batch_width // chains)
+        width = min(width, MAX_SEQUENCES - 2)
+        # Slot 0 holds the prompt; each chain takes 1 + width slots.
+        return BatchLayout(min(chains, (MAX_SEQUENCES - 1) // (1 + width)), width)
+
+    def plan(self, prompt_tokens: list[int], settings: SamplingSettings, num_samples: int = 1) -> CachePlan:
+        """The KV cache a run of these settings allocates (what --dry-run shows)."""
+        check_request(settings, num_samples)
+        max_tokens = fit_max_tokens(len(prompt_tokens), settings.max_tokens, self.options.ctx, self.engine.n_ctx_train)
+        layout = self.layout(settings, num_samples)
+        return plan_cache(self.kv_shape, len(prompt_tokens), max_tokens, layout.chains, layout.round_width,
+                          self.options.cache_type)
 
     def generate(
         self,
@@ -75,29 +130,45 @@ class Session:
             len(prompt_tokens), settings.max_tokens, self.options.ctx, self.engine.n_ctx_train
         )
         settings = replace(settings, max_tokens=max_tokens)
-        chains = min(num_samples if chain_indices is None else len(chain_indices), self.options.chains_per_batch)
-        round_width = max(1, self.options.batch_width // chains)
-        per_chain = slots_per_chain(settings, round_width)
+        layout = self.layout(settings, num_samples if chain_indices is None else len(chain_indices))
         # Unified cache: the prompt once, then every chain's sequence and proposals.
-        cells = len(prompt_tokens) + per_chain * max_tokens * chains + 8
-        slots = 1 + per_chain * chains
-        if cells > self._cells or slots > self._slots:
+        plan = plan_cache(self.kv_shape, len(prompt_tokens), max_tokens, layout.chains, layout.round_width,
+                          self.options.cache_type)
+        if plan.cells > self._cells or plan.slots > self._slots:
             try:
-                self.engine.allocate(cells, slots)
+                self.engine.allocate(plan.cells, plan.slots, self.options.cache_type)
             except EngineError as error:
-                raise UserError(str(error)) from None
-            self._cells, self._slots = cells, slots
+                raise UserError(f"{error} ({plan.describe()}; lower --max-tokens, --chains-per-batch or "
+                                "--round-width, or use --cache-type q8_0)") from None
+            self._cells, self._slots = plan.cells, plan.slots
         return sample(
             self.engine,
             prompt_tokens,
             settings,
             num_samples=num_samples,
-            chains_per_batch=chains,
-            max_round_width=round_width,
+            chains_per_batch=layout.chains,
+            max_round_width=max(1, layout.round_width),
             progress=progress,
             on_sample=on_sample,
             chain_indices=chain_indices,
         )
+
+    def memory_summary(self) -> dict[str, object]:
+        """What ``ps-local info`` shows about the KV cache: per token, and for the defaults."""
+        if self.kv_shape is None:
+            return {"kv_cache": "unknown for this architecture"}
+        defaults = SamplingSettings()
+        max_tokens = min(defaults.token_budget, self.engine.n_ctx_train - 1)
+        layout = self.layout(defaults, 1)
+        summary: dict[str, object] = {}
+        for cache_type in CACHE_TYPES:
+            per_cell = kv_bytes_per_cell(self.kv_shape, cache_type)
+            plan = plan_cache(self.kv_shape, 0, max_tokens, layout.chains, layout.round_width, cache_type)
+            summary[f"kv_cache_per_token_{cache_type}"] = format_bytes(per_cell)
+            summary[f"kv_cache_one_power_sample_{cache_type}"] = (
+                f"{format_bytes(plan.bytes)} (T_max {max_tokens}, {layout.round_width} proposals per round)"
+            )
+        return summary
 
     def close(self) -> None:
         self.engine.close()

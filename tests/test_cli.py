@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import write_tiny_model
 
 FAST = ["--max-tokens", "8", "--block-size", "4", "--mcmc-steps", "3", "--threads", "2"]
 
@@ -87,7 +90,7 @@ def test_seed_reproduces_tokens(tiny_gguf):
 
 @pytest.mark.parametrize("method", ["low-temp", "standard", "greedy"])
 def test_baselines(tiny_gguf, method):
-    result = ps_local("generate", str(tiny_gguf), "yes", *FAST, "--method", method, "--json")
+    result = ps_local("generate", str(tiny_gguf), "yes", "--max-tokens", "8", "--method", method, "--json")
     stats = json.loads(result.stdout)["stats"]
     assert stats["method"] == method and stats["mh_steps"] == 0 and stats["tokens_reevaluated"] == 0
 
@@ -197,3 +200,131 @@ def test_ctrl_c_exits_130_without_traceback(tiny_gguf):
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert b"Traceback" not in stderr and b"interrupted" in stderr
+
+
+@pytest.mark.parametrize(
+    "option, fragment",
+    [
+        (["--seed", "-1"], "--seed"),
+        (["--gpu-layers", "-2"], "--gpu-layers"),
+        (["--ctx", "100000"], "trained context"),
+        (["--chains-per-batch", "0"], "--chains-per-batch"),
+        (["--round-width", "0"], "--round-width"),
+        (["--cache-type", "q4_7"], "--cache-type"),
+    ],
+)
+def test_more_bad_options(tiny_gguf, option, fragment):
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", *option), fragment)
+
+
+@pytest.mark.parametrize(
+    "method, option",
+    [
+        ("standard", ["--alpha", "2"]),
+        ("greedy", ["--alpha", "2"]),
+        ("low-temp", ["--block-size", "8"]),
+        ("low-temp", ["--mcmc-steps", "3"]),
+        ("standard", ["--proposal-temp", "1"]),
+        ("greedy", ["--round-width", "2"]),
+    ],
+)
+def test_an_option_the_method_ignores_is_refused(tiny_gguf, method, option):
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--method", method, *option), "no effect")
+
+
+def test_alpha_is_used_by_low_temp(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes", "--method", "low-temp", "--alpha", "2", "--max-tokens", "4")
+    assert result.returncode == 0, result.stderr
+
+
+def test_summary_line_says_how_often_the_chain_moved(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes no", *FAST, "--seed", "1")
+    summary = result.stderr.decode()
+    assert re.search(r"moved \d+/\d+ \(\d+%\), accepted \d+/\d+", summary), summary
+    record = json.loads(ps_local("generate", str(tiny_gguf), "yes no", *FAST, "--seed", "1", "--json").stdout)
+    assert 0 <= record["stats"]["moved"] <= record["stats"]["accepted"] <= record["stats"]["mh_steps"]
+
+
+def test_dry_run_shows_the_cache(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes", "--max-tokens", "100", "--round-width", "3", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    # prompt (2 tokens) + (1 + 3) * 100 + 8 spare cells.
+    assert "410 cells" in result.stdout.decode()
+    smaller = ps_local("generate", str(tiny_gguf), "yes", "--max-tokens", "100", "--round-width", "1", "--dry-run")
+    assert "210 cells" in smaller.stdout.decode()
+
+
+def test_a_recurrent_model_is_refused_up_front(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "mamba.gguf"
+    writer = GGUFWriter(str(path), "mamba")
+    writer.add_block_count(1)
+    writer.add_context_length(128)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_one_line_error(ps_local("generate", str(path), "yes"), "recurrent")
+
+
+def test_text_the_vocabulary_cannot_encode_is_refused_not_aborted(tmp_path):
+    model = write_tiny_model(tmp_path / "nobytes.gguf", "--no-byte-tokens")
+    ok = ps_local("generate", str(model), "yes no", "--max-tokens", "2", "--method", "greedy")
+    assert ok.returncode == 0, ok.stderr
+    assert_one_line_error(ps_local("generate", str(model), "yes é no"), "cannot encode")
+
+
+def test_non_finite_logits_are_one_line(tmp_path):
+    model = write_tiny_model(tmp_path / "nan.gguf", "--nan-logits")
+    result = ps_local("generate", str(model), "yes", "--max-tokens", "4")
+    assert_one_line_error(result, "non-finite logits")
+    assert result.returncode == 1
+
+
+def test_an_unwritable_cache_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = subprocess.run([sys.executable, "-m", "ps_local.cli", "generate", "default", "yes"],
+                            capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PS_LOCAL_CACHE": str(blocker / "cache")})
+    assert_one_line_error(result, str(blocker))
+
+
+def test_an_engine_failure_while_sampling_is_one_line(tiny_gguf, monkeypatch, capsys):
+    from ps_local import cli
+    from ps_local.engine import EngineError, LlamaEngine
+
+    calls = {"count": 0}
+    original = LlamaEngine.decode
+
+    def failing(self, requests):
+        calls["count"] += 1
+        if calls["count"] > 3:
+            raise EngineError("llama_decode failed: the KV cache is full")
+        return original(self, requests)
+
+    monkeypatch.setattr(LlamaEngine, "decode", failing)
+    status = cli.run_cli(cli.cli, ["generate", str(tiny_gguf), "yes", *FAST])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert captured.err.strip() == "ps-local: error: llama_decode failed: the KV cache is full"
+
+
+def test_a_prompt_from_a_terminal_gets_a_hint(tiny_gguf):
+    import pty
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "ps_local.cli", "generate", str(tiny_gguf), *FAST],
+                               stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(slave)
+    time.sleep(2)
+    os.write(master, b"yes no\n\x04")
+    stdout, stderr = process.communicate(timeout=120)
+    os.close(master)
+    assert process.returncode == 0, stderr
+    assert b"reading the prompt from the terminal" in stderr and b"Ctrl-D" in stderr
+    assert b"[sample 0] power" in stderr  # it sampled a continuation of what was typed
