@@ -211,6 +211,7 @@ def test_ctrl_c_exits_130_without_traceback(tiny_gguf):
         (["--chains-per-batch", "0"], "--chains-per-batch"),
         (["--round-width", "0"], "--round-width"),
         (["--cache-type", "q4_7"], "--cache-type"),
+        (["--cache-type", "q8_0"], "multiple of 32"),  # the tiny model's heads are 8 long
     ],
 )
 def test_more_bad_options(tiny_gguf, option, fragment):
@@ -328,3 +329,21 @@ def test_a_prompt_from_a_terminal_gets_a_hint(tiny_gguf):
     assert process.returncode == 0, stderr
     assert b"reading the prompt from the terminal" in stderr and b"Ctrl-D" in stderr
     assert b"[sample 0] power" in stderr  # it sampled a continuation of what was typed
+
+
+def test_info_shows_the_kv_cache(tiny_gguf):
+    result = ps_local("info", str(tiny_gguf), "--json")
+    assert result.returncode == 0, result.stderr
+    details = json.loads(result.stdout)
+    # 2 layers x 4 KV heads x (8 + 8) elements x 2 bytes = 256 B per token in f16.
+    assert details["kv_cache_per_token_f16"] == "256 B"
+    assert "T_max" in details["kv_cache_one_power_sample_f16"]
+
+
+def test_an_unwritable_eval_folder_is_one_line(tiny_gguf, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"id": "a", "prompt": "yes", "answer": "yes"}) + "\n")
+    result = ps_local("eval", str(tiny_gguf), str(task), "--out", str(blocker / "out"), "--max-tokens", "2")
+    assert_one_line_error(result, str(blocker))

@@ -61,3 +61,16 @@ def test_branching_beyond_the_sliding_window_matches_scratch(gemma):
     np.testing.assert_allclose(tail, after_tail, atol=TOLERANCE)
     # Negative control: the rows differ from each other far beyond the tolerance.
     assert np.abs(scratch[1] - scratch[2]).max() > 50 * TOLERANCE
+
+
+def test_a_q8_0_cache_samples(gemma):
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ps_local.cli", "generate", str(gemma), "The sky is",
+                             "--max-tokens", "6", "--mcmc-steps", "2", "--block-size", "6", "--cache-type", "q8_0",
+                             "--seed", "1", "--json", "--threads", "2"],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["tokens"]) == 6
