@@ -313,6 +313,8 @@ def info(model: str, as_json: bool) -> None:
         click.echo(json.dumps(details))
         return
     for key, value in details.items():
+        if key == "kv_cache_bytes_per_token":
+            continue  # for --json; the line before says it readably
         if isinstance(value, dict):
             value = f"{value['id']} {value['text']!r}"
         click.echo(f"{key.replace('_', ' ')}: {'none' if value is None else value}")

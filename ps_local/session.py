@@ -160,15 +160,15 @@ class Session:
         defaults = SamplingSettings()
         max_tokens = min(defaults.token_budget, self.engine.n_ctx_train - 1)
         layout = self.layout(defaults, 1)
-        summary: dict[str, object] = {}
-        for cache_type in CACHE_TYPES:
-            per_cell = kv_bytes_per_cell(self.kv_shape, cache_type)
-            plan = plan_cache(self.kv_shape, 0, max_tokens, layout.chains, layout.round_width, cache_type)
-            summary[f"kv_cache_per_token_{cache_type}"] = format_bytes(per_cell)
-            summary[f"kv_cache_one_power_sample_{cache_type}"] = (
-                f"{format_bytes(plan.bytes)} (T_max {max_tokens}, {layout.round_width} proposals per round)"
-            )
-        return summary
+        per_token = {kind: kv_bytes_per_cell(self.kv_shape, kind) for kind in CACHE_TYPES}
+        sample = {kind: plan_cache(self.kv_shape, 0, max_tokens, layout.chains, layout.round_width, kind).bytes
+                  for kind in CACHE_TYPES}
+        return {
+            "kv_cache_per_token": ", ".join(f"{format_bytes(size)} ({kind})" for kind, size in per_token.items()),
+            "kv_cache_one_power_sample": ", ".join(f"{format_bytes(size or 0)} ({kind})" for kind, size in sample.items())
+            + f" at T_max {max_tokens} with {layout.round_width} proposals per round",
+            "kv_cache_bytes_per_token": per_token,
+        }
 
     def close(self) -> None:
         self.engine.close()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What power sampling changes, measured: power, low-temperature and standard sampling side by
-side on one prompt over several seeds, with the base model's mean log p per token, how
-repetitive each sample is, and how far the MH chain moved.
+side on one prompt over several seeds, with the base model's log p of each whole sample (what
+p^alpha sharpens) and per token, how repetitive each sample is, and how often the MH chain moved.
 
     python scripts/compare_methods.py                       # the README's demo settings
     python scripts/compare_methods.py --seeds 0-9 --alpha 4 --prompt "..." --json
@@ -21,9 +21,9 @@ from ps_local.session import RuntimeOptions, Session
 from ps_local.settings import Sample, SamplingSettings
 
 # The README's first command; keep the two in step.
-DEMO_PROMPT = "Question: Why is the sky blue?\nAnswer:"
+DEMO_PROMPT = "Q: Why is the sky blue? A:"
 DEMO = dict(alpha=4.0, max_tokens=96, block_size=32, mcmc_steps=10)
-DEMO_STOP = ("\nQuestion:",)
+DEMO_STOP = ("Q:",)
 
 
 def distinct_bigrams(tokens: list[int]) -> float:
@@ -37,6 +37,7 @@ def describe(result: Sample) -> dict:
     return {
         "seed": stats.seed,
         "tokens": len(result.tokens),
+        "logp": sum(result.logprobs),  # what p^alpha sharpens: the whole sequence's log p
         "mean_logp": sum(result.logprobs) / len(result.logprobs) if result.logprobs else 0.0,
         "distinct_bigrams": distinct_bigrams(result.tokens),
         "moved": stats.moved,
@@ -66,13 +67,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=DEMO["max_tokens"])
     parser.add_argument("--block-size", type=int, default=DEMO["block_size"])
     parser.add_argument("--mcmc-steps", type=int, default=DEMO["mcmc_steps"])
-    parser.add_argument("--stop", action="append", default=None)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--no-stop", action="store_true", help="no stop string at all")
     parser.add_argument("--methods", default="power,low-temp,standard")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--show-text", action="store_true", help="print every sample's text")
     args = parser.parse_args()
 
-    stops = tuple(args.stop) if args.stop is not None else DEMO_STOP
+    stops = () if args.no_stop else tuple(args.stop) if args.stop is not None else DEMO_STOP
     model = args.model or default_model_path()
     rows: dict[str, list[dict]] = {}
     started = time.perf_counter()
@@ -86,26 +88,28 @@ def main() -> None:
                                             stop=stops)
                 (result,) = session.generate(prompt, settings)
                 rows[method].append(describe(result))
-                print(f"{method} seed {seed}: {rows[method][-1]['mean_logp']:.3f} log p/token", file=sys.stderr)
+                print(f"{method} seed {seed}: log p {rows[method][-1]['logp']:.1f}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     print(f"Model {model.name}, prompt {args.prompt!r}, α={args.alpha:g}, T_max={args.max_tokens}, "
           f"B={args.block_size}, N={args.mcmc_steps}, stop {list(stops)}, seeds {args.seeds}, "
           f"{args.threads} threads ({time.perf_counter() - started:.0f} s)\n")
-    print("| method | mean log p per token | distinct bigrams | tokens | moved / MH steps | wall s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| method | sequence log p | log p per token | distinct bigrams | tokens | moved / MH steps | wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for method, samples in rows.items():
         moved = sum(s["moved"] for s in samples)
         steps = sum(s["mh_steps"] for s in samples)
-        print(f"| {method} | {statistics.mean(s['mean_logp'] for s in samples):.3f} | "
+        print(f"| {method} | {statistics.mean(s['logp'] for s in samples):.1f} | "
+              f"{statistics.mean(s['mean_logp'] for s in samples):.3f} | "
               f"{statistics.mean(s['distinct_bigrams'] for s in samples):.2f} | "
               f"{statistics.mean(s['tokens'] for s in samples):.0f} | "
               f"{f'{moved}/{steps}' if steps else ''} | {statistics.mean(s['wall_s'] for s in samples):.1f} |")
     if args.show_text:
         for method, samples in rows.items():
             for s in samples:
-                print(f"\n--- {method}, seed {s['seed']} ({s['mean_logp']:.3f} log p/token, {s['stop']}):\n{s['text']}")
+                print(f"\n--- {method}, seed {s['seed']} (log p {s['logp']:.1f}, {s['tokens']} tokens, {s['stop']}):"
+                      f"\n{s['text']}")
 
 
 if __name__ == "__main__":

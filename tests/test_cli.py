@@ -336,8 +336,9 @@ def test_info_shows_the_kv_cache(tiny_gguf):
     assert result.returncode == 0, result.stderr
     details = json.loads(result.stdout)
     # 2 layers x 4 KV heads x (8 + 8) elements x 2 bytes = 256 B per token in f16.
-    assert details["kv_cache_per_token_f16"] == "256 B"
-    assert "T_max" in details["kv_cache_one_power_sample_f16"]
+    assert details["kv_cache_bytes_per_token"] == {"f16": 256, "q8_0": 136}
+    assert details["kv_cache_per_token"] == "256 B (f16), 136 B (q8_0)"
+    assert "T_max" in details["kv_cache_one_power_sample"]
 
 
 def test_an_unwritable_eval_folder_is_one_line(tiny_gguf, tmp_path):
