@@ -359,8 +359,17 @@ class Chain:
         move.owns_cache = True
 
     def _request(self, trajectory: Trajectory, tokens: list[int]) -> DecodeRequest:
-        """A decode request appending ``tokens`` to a trajectory's slot, invariant checked."""
+        """A decode request appending ``tokens`` to a trajectory's slot, invariant checked:
+        what it appends must be the trajectory's next tokens after its first ``cached``."""
         self._check_cache(trajectory)
+        start = trajectory.cached
+        following = (
+            trajectory.tokens[start : start + len(tokens)]
+            if start >= 0
+            else self.prompt[-1:] + trajectory.tokens[: len(tokens) - 1]  # a branch inside the prompt
+        )
+        if tokens != following:
+            raise CacheInvariantError(f"slot {trajectory.slot} would get tokens {tokens}, its trajectory has {following}")
         return trajectory.slot, tokens
 
     def _check_cache(self, trajectory: Trajectory) -> None:
@@ -373,7 +382,6 @@ class Chain:
         if self._slot_tokens is not None:
             if self._slot_tokens(trajectory.slot) != (self.prompt + trajectory.tokens)[:expected]:
                 raise CacheInvariantError(f"slot {trajectory.slot} holds other tokens than its trajectory")
-
 
     def _may_accept(self, move: Move, log_n: float) -> bool:
         """Whether the move can still be accepted, whatever tokens would follow."""

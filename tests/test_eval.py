@@ -142,6 +142,11 @@ def test_jsonl_task_end_to_end_and_resume(tiny_gguf, words_task, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"power", "standard"} and summary["power"]["problems"] == 5
     assert "pass@2" in first.stdout and (out / "summary.md").exists()
+    # Proposals that changed the sequence, beside the acceptance rate (power only).
+    assert "| moved |" in first.stdout
+    assert 0 <= summary["power"]["mean_moved_rate"] <= summary["power"]["mean_acceptance_rate"] <= 1
+    assert summary["standard"]["mean_moved_rate"] is None
+    assert all(0 <= r["moved_rate"] <= r["acceptance_rate"] for r in records if r["method"] == "power")
     assert (out / "pass_at_k.png").read_bytes()[:4] == b"\x89PNG"
 
     # Lose the last three results (and leave a half-written line), as an interruption would.

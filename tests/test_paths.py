@@ -150,3 +150,20 @@ def test_reused_generators_give_the_streams_they_stand_for():
         assert generator.random(5).tolist() == expected.random(5).tolist()
         assert generator.integers(1, 100, 3).tolist() == expected.integers(1, 100, 3).tolist()
     assert streams.start(1, 6).random() != stream(987654321, 1, 5).random()
+
+
+class ForgetfulEngine(ToyEngine):
+    """A broken cache: copying a prefix loses its last position."""
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        super().copy_prefix(src, dst, max(0, length - 1) if src != 0 else length)
+
+
+def test_the_invariant_check_catches_a_broken_cache():
+    """Negative control: were the cache wrong, sampling stops with CacheInvariantError instead
+    of scoring tokens in the wrong context."""
+    from ps_local.sampler import CacheInvariantError
+
+    engine = ForgetfulEngine(["</s>"] + [f"t{i}" for i in range(1, 40)], eos=0, scale=0.3, eos_bias=-3.0)
+    with pytest.raises(CacheInvariantError):
+        sample(engine, [1, 2], settings(), num_samples=2)
