@@ -12,9 +12,9 @@ import click
 
 from . import __version__
 from .errors import PsLocalError, UserError
+from .memory import CACHE_TYPES
 from .output import ProgressLine, sample_json, summary_line
 from .prompts import TEMPLATES, PromptSettings, prompt_tokens, template_stops
-from .memory import CACHE_TYPES
 from .settings import METHODS, SamplingSettings, check_request
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from .engine import EngineError, LlamaEngine
 from .errors import UserError
 from .gguf_file import check_architecture, check_gguf, read_metadata
 from .memory import CACHE_TYPES, CachePlan, KvShape, check_cache_type, format_bytes, kv_bytes_per_cell, plan_cache
-from .sampler import ProgressCallback, sample, slots_per_chain
+from .sampler import ProgressCallback, sample
 from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
 
 
@@ -108,11 +108,22 @@ class Session:
 
     def plan(self, prompt_tokens: list[int], settings: SamplingSettings, num_samples: int = 1) -> CachePlan:
         """The KV cache a run of these settings allocates (what --dry-run shows)."""
-        check_request(settings, num_samples)
+        return self._prepare(prompt_tokens, settings, num_samples)[2]
+
+    def _prepare(
+        self, prompt_tokens: list[int], settings: SamplingSettings, chains: int
+    ) -> tuple[SamplingSettings, BatchLayout, CachePlan]:
+        """The settings with their token budget fitted to the context, the batch layout and
+        the cache they need; UserError for a request that cannot run."""
+        check_request(settings, chains)
+        if not prompt_tokens:
+            raise UserError("the prompt is empty")
         max_tokens = fit_max_tokens(len(prompt_tokens), settings.max_tokens, self.options.ctx, self.engine.n_ctx_train)
-        layout = self.layout(settings, num_samples)
-        return plan_cache(self.kv_shape, len(prompt_tokens), max_tokens, layout.chains, layout.round_width,
+        layout = self.layout(settings, chains)
+        # Unified cache: the prompt once, then every chain's sequence and proposals.
+        plan = plan_cache(self.kv_shape, len(prompt_tokens), max_tokens, layout.chains, layout.round_width,
                           self.options.cache_type)
+        return replace(settings, max_tokens=max_tokens), layout, plan
 
     def generate(
         self,
@@ -124,16 +135,8 @@ class Session:
         chain_indices: list[int] | None = None,
     ) -> list[Sample]:
         check_request(settings, num_samples)
-        if not prompt_tokens:
-            raise UserError("the prompt is empty")
-        max_tokens = fit_max_tokens(
-            len(prompt_tokens), settings.max_tokens, self.options.ctx, self.engine.n_ctx_train
-        )
-        settings = replace(settings, max_tokens=max_tokens)
-        layout = self.layout(settings, num_samples if chain_indices is None else len(chain_indices))
-        # Unified cache: the prompt once, then every chain's sequence and proposals.
-        plan = plan_cache(self.kv_shape, len(prompt_tokens), max_tokens, layout.chains, layout.round_width,
-                          self.options.cache_type)
+        chains = num_samples if chain_indices is None else len(chain_indices)
+        settings, layout, plan = self._prepare(prompt_tokens, settings, chains)
         if plan.cells > self._cells or plan.slots > self._slots:
             try:
                 self.engine.allocate(plan.cells, plan.slots, self.options.cache_type)
