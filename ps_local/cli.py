@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -343,6 +344,9 @@ def run_cli(main: click.Group, argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("\nps-local: interrupted", err=True)
         return 130
+    except Terminated:
+        click.echo("ps-local: terminated", err=True)
+        return 143
     except BrokenPipeError:
         # A closed pipe (| head) is a normal way for a pipeline to end; stop writing to it.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -362,7 +366,17 @@ def run_cli(main: click.Group, argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+class Terminated(BaseException):
+    """SIGTERM (a batch scheduler, kill): raised like Ctrl-C, so that every ``finally`` runs:
+    graded programs are killed, results already written stay whole."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(run_cli(cli))
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from ps_local.evaluate import pass_at_k, read_results
 from ps_local.grading.code import check_program, run_tests
-from ps_local.grading.math import is_equivalent, last_boxed
+from ps_local.grading.math import are_equivalent, grade, is_equivalent, last_boxed
 
 MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "MATH500.json"
 
@@ -27,43 +28,55 @@ def ps_local(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
 # -- graders -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "candidate, reference",
-    [
-        ("\\frac{1}{2}", "\\dfrac{1}{2}"),
-        ("\\dfrac12", "0.5"),
-        ("1/3", "\\frac{1}{3}"),
-        ("\\frac{2}{4}", "\\frac12"),
-        ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
-        ("[-2, 7)", "[-2,7)"),
-        ("5\\text{ cm}", "5"),
-        ("90^\\circ", "90"),
-        ("x = 4", "4"),
-        ("\\sqrt{8}", "2\\sqrt{2}"),
-        ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}"),
-        ("2^{10}", "1024"),
-        ("\\text{(C)}", "(C)"),
-        ("10\\%", "10"),
-    ],
-)
-def test_equivalent_answers(candidate, reference):
-    assert is_equivalent(candidate, reference)
+EQUIVALENT = [
+    ("\\frac{1}{2}", "\\dfrac{1}{2}"),
+    ("\\dfrac12", "0.5"),
+    ("1/3", "\\frac{1}{3}"),
+    ("\\frac{2}{4}", "\\frac12"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+    ("[-2, 7)", "[-2,7)"),
+    ("5\\text{ cm}", "5"),
+    ("90^\\circ", "90"),
+    ("x = 4", "4"),
+    ("\\sqrt{8}", "2\\sqrt{2}"),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}"),
+    ("2^{10}", "1024"),
+    ("\\text{(C)}", "(C)"),
+    ("10\\%", "10"),
+]
+DIFFERENT = [
+    ("\\frac{1}{3}", "\\frac{1}{2}"),
+    ("[-2, 7)", "[-2, 7]"),
+    ("(1, 2)", "(2, 1)"),
+    ("(1, 2)", "(1, 2, 3)"),
+    ("x^2", "x^3"),
+    ("5\\text{ cm}", "6"),
+    (None, "1"),
+]
 
 
-@pytest.mark.parametrize(
-    "candidate, reference",
-    [
-        ("\\frac{1}{3}", "\\frac{1}{2}"),
-        ("[-2, 7)", "[-2, 7]"),
-        ("(1, 2)", "(2, 1)"),
-        ("(1, 2)", "(1, 2, 3)"),
-        ("x^2", "x^3"),
-        ("5\\text{ cm}", "6"),
-        (None, "1"),
-    ],
-)
-def test_different_answers(candidate, reference):
-    assert not is_equivalent(candidate, reference)
+def test_equivalent_and_different_answers():
+    """One sandboxed math-verify run grades every pair (a process per pair would cost ~1 s each)."""
+    verdicts = are_equivalent(EQUIVALENT + DIFFERENT)
+    for (candidate, reference), verdict in zip(EQUIVALENT, verdicts):
+        assert verdict, (candidate, reference)
+    for (candidate, reference), verdict in zip(DIFFERENT, verdicts[len(EQUIVALENT):]):
+        assert not verdict, (candidate, reference)
+
+
+def test_a_hostile_answer_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    answer, correct = grade(f"so the answer is \\boxed{{{hostile}}}", "1")
+    assert answer == hostile and not correct
+    assert not are_equivalent([(hostile, "None"), ("exec('1')", "1")])[0]
+    assert not marker.exists()
+
+
+def test_a_power_tower_is_bounded():
+    started = time.monotonic()
+    assert are_equivalent([("9^{9^{9^{9^{9}}}}", "1"), ("10^{10^{10^{10}}}!", "2")]) == [False, False]
+    assert time.monotonic() - started < 120  # the sandbox's limits, not an endless computation
 
 
 def test_last_boxed_handles_nested_braces():
@@ -244,3 +257,82 @@ def test_eval_bad_input(tiny_gguf, args, fragment, tmp_path):
 def test_merge_needs_results(tmp_path):
     result = ps_local("eval", "merge", str(tmp_path))
     assert result.returncode == 2 and "no results" in result.stderr
+
+
+# -- the sandbox ---------------------------------------------------------------------------
+
+
+def sandbox_processes(marker: str) -> list[str]:
+    """Processes whose command line carries ``marker`` (a graded program's own text)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in command:
+                found.append(command)
+    return found
+
+
+def exec_folders() -> set[str]:
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("ps-local-exec-")}
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_ps_local_during_a_check_leaves_no_process(tmp_path, stop):
+    """A spinning completion, with a spinning child of its own, is killed and its folder
+    removed when ps-local is stopped (Ctrl-C, or a scheduler's SIGTERM)."""
+    started = tmp_path / "started"
+    program = f"import os\nopen({str(started)!r}, 'w').close()\nos.fork()\nwhile True: pass\n"
+    driver = ("import signal, sys\nfrom ps_local.cli import _terminate\n"
+              "signal.signal(signal.SIGTERM, _terminate)\nfrom ps_local.grading.code import run_tests\n"
+              f"try:\n    run_tests({program!r}, time_limit_s=120)\n"
+              "except BaseException as error:\n    print(type(error).__name__)\n    sys.exit(1)\n")
+    before = exec_folders()
+    process = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert started.exists(), "the check never started"
+    time.sleep(0.5)
+    running = [c for c in sandbox_processes("ps-local-exec-") if "program.py" in c]
+    assert len(running) >= 2  # the program and its child: the check can see them
+    process.send_signal(stop)
+    stdout, stderr = process.communicate(timeout=30)
+    assert stdout.strip() == ("Terminated" if stop == signal.SIGTERM else "KeyboardInterrupt"), stderr
+    time.sleep(0.5)
+    assert [c for c in sandbox_processes("ps-local-exec-") if "program.py" in c] == []
+    assert exec_folders() - before == set()
+
+
+def test_a_disk_filler_is_stopped_and_cleaned_up():
+    filler = "    open('big', 'wb').write(b'x' * (64 << 20))\n    return a + b\n"
+    result = run_tests(check_program(PROMPT, filler, TEST, "add"))
+    assert result.status == "failed"  # killed at the 16 MiB file-size limit
+
+
+def test_a_process_that_outlives_its_program_is_killed():
+    """A completion that leaves a child running after the checks pass: the group is killed
+    after the normal exit too."""
+    marker = "ps_local_orphan_marker"
+    completion = (f"    import os, subprocess, sys\n    subprocess.Popen([sys.executable, '-c', "
+                  f"'import time\\n# {marker}\\ntime.sleep(300)'])\n    return a + b\n")
+    assert run_tests(check_program(PROMPT, completion, TEST, "add")).passed
+    time.sleep(0.5)
+    assert sandbox_processes(marker) == []
+
+
+def test_math_grading_without_its_verifier_is_refused_at_start(monkeypatch):
+    import importlib.util
+
+    from ps_local.errors import UserError
+    from ps_local.tasks import load_task
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
+    with pytest.raises(UserError, match="math-verify"):
+        load_task("math500", MATH500)

@@ -1,13 +1,15 @@
-"""MATH-style answer grading: the last \\boxed{}, string normalization, then sympy equivalence."""
+"""MATH-style answer grading: the last \\boxed{}, string normalization, then math-verify's
+equivalence check in the sandbox. No model text is ever evaluated inside ps-local."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
-import signal
-from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import replace
 
-SYMPY_SECONDS = 5  # an equivalence check that takes longer counts as "not equivalent"
+from ..errors import UserError
+from .sandbox import Limits, run_python
 
 
 def last_boxed(text: str) -> str | None:
@@ -82,106 +84,66 @@ def normalize(answer: str) -> str:
     return text.rstrip(".")
 
 
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for char in text:
-        if char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
+# Runs in the sandbox, never in ps-local: math-verify parses LaTeX with its own grammar (no
+# eval), and the sandbox's time and memory limits bound what sympy does with the result (a
+# power tower such as 9^{9^{9^9}} cannot hang or exhaust ps-local).
+VERIFIER = """
+import json, sys
+from math_verify import parse, verify
+results = []
+for candidate, reference in json.load(sys.stdin):
+    try:
+        results.append(bool(verify(parse("$" + reference + "$"), parse("$" + candidate + "$"))))
+    except Exception:
+        results.append(False)
+json.dump(results, sys.stdout)
+"""
+VERIFY_LIMITS = Limits(wall_s=30.0, cpu_s=30, memory_bytes=2 << 30)
+
+
+def verify_pairs(pairs: list[tuple[str, str]]) -> list[bool]:
+    """math-verify's verdict on each (candidate, reference) pair, in one sandboxed run; a run
+    that fails or runs out of time shows nothing to be equal."""
+    if not pairs:
+        return []
+    extra = 2 * len(pairs)
+    limits = replace(VERIFY_LIMITS, wall_s=VERIFY_LIMITS.wall_s + extra, cpu_s=VERIFY_LIMITS.cpu_s + extra)
+    result = run_python(VERIFIER, limits, stdin=json.dumps(pairs).encode())
+    try:
+        verdicts = json.loads(result.stdout) if result.returncode == 0 else None
+    except ValueError:
+        verdicts = None
+    if not isinstance(verdicts, list) or len(verdicts) != len(pairs):
+        return [False] * len(pairs)
+    return [verdict is True for verdict in verdicts]
+
+
+def require_verifier() -> None:
+    """UserError at start when math-verify is missing: never silently wrong grades."""
+    if importlib.util.find_spec("math_verify") is None:
+        raise UserError("MATH grading needs math-verify: pip install 'ps-local[eval]'")
+
+
+def are_equivalent(pairs: list[tuple[str | None, str]]) -> list[bool]:
+    """Whether each model answer means its reference: MATH normalization first, then
+    math-verify (numbers, fractions, roots, tuples, intervals, symbolic expressions)."""
+    verdicts: list[bool | None] = []
+    to_verify: list[tuple[str, str]] = []
+    for candidate, reference in pairs:
+        if candidate is None:
+            verdicts.append(False)
+        elif normalize(candidate) == normalize(reference):
+            verdicts.append(True)
         else:
-            current += char
-    return parts + [current]
-
-
-def _tuple(text: str) -> tuple[str, list[str]] | None:
-    """(brackets, elements) of "(1,2)", "[0,1)" or "1,2"; None for a single value."""
-    if len(text) >= 2 and text[0] in "([" and text[-1] in ")]":
-        parts = _split_top_level(text[1:-1])
-        if len(parts) > 1:
-            return text[0] + text[-1], parts
-    parts = _split_top_level(text)
-    return ("", parts) if len(parts) > 1 else None
-
-
-def _to_sympy_source(text: str) -> str:
-    """A small LaTeX -> sympy-syntax translation, enough for MATH answers."""
-    while True:
-        # Innermost \frac and \sqrt first; bare braces only when none is left to rewrite.
-        rewritten = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", text)
-        rewritten = re.sub(r"\\sqrt\[([^{}]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", rewritten)
-        rewritten = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", rewritten)
-        if rewritten == text:
-            rewritten = re.sub(r"(?<!\\frac)(?<!\\sqrt)(?<!\})(?<!\])\{([^{}]*)\}", r"(\1)", text)
-            if rewritten == text:
-                break
-        text = rewritten
-    text = text.replace("\\cdot", "*").replace("\\times", "*").replace("^", "**")
-    text = text.replace("\\pi", "pi").replace("\\infty", "oo").replace("\\", "")
-    return text
-
-
-@contextmanager
-def _time_limit(seconds: int) -> Iterator[None]:
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError
-
-    try:
-        previous = signal.signal(signal.SIGALRM, expire)
-    except ValueError:  # not the main thread: no alarm available, run unguarded
-        yield
-        return
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _sympy_equal(left: str, right: str) -> bool:
-    try:
-        import sympy
-        from sympy.parsing.sympy_parser import (
-            implicit_multiplication_application,
-            parse_expr,
-            standard_transformations,
-        )
-    except ImportError:
-        return False
-    transformations = standard_transformations + (implicit_multiplication_application,)
-    try:
-        with _time_limit(SYMPY_SECONDS):
-            a = parse_expr(_to_sympy_source(left), transformations=transformations, evaluate=True)
-            b = parse_expr(_to_sympy_source(right), transformations=transformations, evaluate=True)
-            difference = a - b
-            if not difference.free_symbols:
-                # Numbers: a numeric comparison is fast and enough.
-                return abs(complex(sympy.N(difference))) < 1e-6 * max(1.0, abs(complex(sympy.N(b))))
-            return sympy.simplify(difference) == 0
-    except (TimeoutError, Exception):  # unparseable or too slow: not shown to be equal
-        return False
+            verdicts.append(None)
+            to_verify.append((normalize(candidate), normalize(reference)))
+    verified = iter(verify_pairs(to_verify))
+    return [next(verified) if verdict is None else verdict for verdict in verdicts]
 
 
 def is_equivalent(candidate: str | None, reference: str) -> bool:
     """Whether a model's answer means the reference answer."""
-    if candidate is None:
-        return False
-    left, right = normalize(candidate), normalize(reference)
-    if left == right:
-        return True
-    left_tuple, right_tuple = _tuple(left), _tuple(right)
-    if left_tuple or right_tuple:
-        # Tuples and intervals: the same brackets, element by element.
-        if not (left_tuple and right_tuple) or left_tuple[0] != right_tuple[0]:
-            return False
-        return len(left_tuple[1]) == len(right_tuple[1]) and all(
-            is_equivalent(a, b) for a, b in zip(left_tuple[1], right_tuple[1])
-        )
-    return _sympy_equal(left, right)
+    return are_equivalent([(candidate, reference)])[0]
 
 
 def grade(completion: str, reference: str) -> tuple[str | None, bool]:

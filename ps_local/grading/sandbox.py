@@ -1,0 +1,95 @@
+"""Model-written programs run here: never inside ps-local, always in a limited child.
+
+Each run gets a fresh temporary folder, a Python interpreter in isolated mode started through
+the ``limited.py`` wrapper (CPU time, memory, process count, file size and open files
+limited), its own session and process group, and a wall-clock limit. When the run ends, however it ends (normal exit, time-out, Ctrl-C or SIGTERM of
+ps-local), the whole process group is killed and the folder removed.
+
+What this does not protect against: the process limit does not bind root (the kernel exempts
+it), so run evaluations as a normal user; a program that starts a new session (``setsid``) leaves
+the process group and outlives the kill, bound only by its own CPU limit (a sleeping one can
+stay); many files each under the size limit can still fill a disk within the time limit;
+the network is open; a kernel exploit is out of scope. Run evaluations of untrusted models in
+a container or VM (see the README).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+WRAPPER = Path(__file__).resolve().with_name("limited.py")
+
+
+@dataclass(frozen=True)
+class Limits:
+    wall_s: float = 10.0
+    cpu_s: int = 10
+    memory_bytes: int = 1 << 30  # address space
+    processes: int = 16  # beyond what the sandbox's user already runs
+    file_bytes: int = 16 << 20  # largest file it may write
+
+
+@dataclass(frozen=True)
+class RunResult:
+    returncode: int | None  # None: killed at the wall-clock limit
+    stdout: bytes
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+
+def run_python(program: str, limits: Limits = Limits(), stdin: bytes = b"") -> RunResult:
+    """Run ``program`` (Python source) in the sandbox; its stdout is returned (stderr dropped)."""
+    workdir = Path(tempfile.mkdtemp(prefix="ps-local-exec-"))
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        script = workdir / "program.py"
+        script.write_text(program, encoding="utf-8")
+        command = [
+            sys.executable, "-I", str(WRAPPER),
+            str(limits.cpu_s), str(limits.memory_bytes), str(limits.processes), str(limits.file_bytes), "--",
+            sys.executable, "-I", str(script),
+        ]
+        (workdir / "stdin").write_bytes(stdin)
+        # Files, not pipes: a child the program leaves behind would hold a pipe open and
+        # make ps-local wait for it; with files, the run ends when the program does.
+        with (workdir / "stdin").open("rb") as given, (workdir / "stdout").open("wb") as taken:
+            process = subprocess.Popen(
+                command,
+                cwd=workdir,
+                stdin=given,
+                stdout=taken,
+                stderr=subprocess.DEVNULL,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir), "TMPDIR": str(workdir)},
+                start_new_session=True,  # its own process group, set up by subprocess's C code
+            )
+        try:
+            process.wait(timeout=limits.wall_s)
+        except subprocess.TimeoutExpired:
+            return RunResult(None, b"")
+        return RunResult(process.returncode, (workdir / "stdout").read_bytes())
+    finally:
+        if process is not None:
+            _kill_group(process)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """Kill everything left in the run's process group, also after a normal exit (a program
+    may leave a child behind), then reap the leader."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
