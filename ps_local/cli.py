@@ -123,6 +123,10 @@ def read_prompt(prompt: str | None) -> str:
             prompt = data.decode("utf-8")
         except UnicodeDecodeError as error:
             raise UserError(f"standard input is not valid UTF-8 (byte {error.start})") from None
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # an argument's undecodable bytes arrive as surrogates
+        raise UserError(f"the prompt is not valid UTF-8 (character {error.start})") from None
     if not prompt.strip():
         raise UserError("the prompt is empty")
     return prompt

@@ -105,6 +105,7 @@ class LlamaEngine:
         self._pieces: dict[int, bytes] = {}
         metadata = read_metadata(self.path) if metadata is None else metadata
         self._spm_pieces = self._spm_without_byte_fallback(metadata)
+        self._spm_specials = self._special_texts() if self._spm_pieces is not None else ([], [])
         self._spm_space_prefix = metadata.get("tokenizer.ggml.add_space_prefix", True) is not False
         self._eog: dict[int, bool] = {}
 
@@ -116,7 +117,7 @@ class LlamaEngine:
         ``special`` parses control-token text (needed after a chat template, which may
         also spell out BOS itself: then ``add_bos`` is False).
         """
-        self._check_encodable(text)
+        self._check_encodable(text, special)
         data = text.encode("utf-8")
         capacity = len(data) + 16
         while True:
@@ -126,15 +127,19 @@ class LlamaEngine:
                 return list(buffer[:count])
             capacity = -count
 
-    def _check_encodable(self, text: str) -> None:
+    def _check_encodable(self, text: str, special: bool) -> None:
         """UserError for text that llama.cpp's SentencePiece tokenizer would abort the whole
         process on: a character in no vocabulary piece, with no byte token to fall back to."""
         if self._spm_pieces is None:
             return
-        char = unencodable_character(text, self._spm_pieces, self._spm_space_prefix)
+        # llama.cpp splits off user-defined tokens always, control tokens when parsing special text.
+        specials = self._spm_specials[0] + (self._spm_specials[1] if special else [])
+        char = unencodable_character(text, self._spm_pieces, self._spm_space_prefix, specials)
         if char is not None:
+            # A space (llama.cpp also puts one before the text) that no piece joins to what follows.
+            what = "a space before text" if char == " " else f"{char!r} (U+{ord(char):04X})"
             raise UserError(
-                f"the prompt contains {char!r} (U+{ord(char):04X}), which this model's vocabulary cannot encode "
+                f"the prompt contains {what}, which this model's vocabulary cannot encode "
                 "(it has no byte fall-back tokens)"
             )
 
@@ -152,6 +157,16 @@ class LlamaEngine:
             for token in range(self.n_vocab)
         }
         return None if all(byte_fallback(pieces, byte) for byte in range(256)) else pieces
+
+    def _special_texts(self) -> tuple[list[str], list[str]]:
+        """Texts of the user-defined and of the control tokens."""
+        user_defined, control = [], []
+        for token in range(self.n_vocab):
+            attributes = int(llama.llama_vocab_get_attr(self.vocab, token))
+            if attributes & (llama.LLAMA_TOKEN_ATTR_USER_DEFINED | llama.LLAMA_TOKEN_ATTR_CONTROL):
+                text = (llama.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", errors="replace")
+                (user_defined if attributes & llama.LLAMA_TOKEN_ATTR_USER_DEFINED else control).append(text)
+        return user_defined, control
 
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)

@@ -106,6 +106,14 @@ def run_eval(
                 missing = [k for k in range(plan.num_samples) if (problem.id, method, k) not in done]
                 if not missing:
                     continue
+                unfit = session.unfit_reason(tokens, replace(base, method=method))
+                if unfit is not None:
+                    # One problem that cannot run must not end the evaluation: it is recorded.
+                    for index in missing:
+                        _write(out, {"id": problem.id, "method": method, "sample": index, "prompt": problem.prompt,
+                                     "status": "skipped", "reason": unfit, "correct": False})
+                    log(f"[{number}/{len(problems)}] {problem.id} {method}: skipped ({unfit})")
+                    continue
                 settings = replace(base, method=method, seed=problem_seed(seed, problem.id, method), stop=stops)
                 correct = 0
 
@@ -130,13 +138,17 @@ def run_eval(
                         "moved_rate": sample.stats.moved / sample.stats.mh_steps if sample.stats.mh_steps else None,
                         "seed": settings.seed,
                     }
-                    out.write(json.dumps(line, ensure_ascii=False) + "\n")
-                    out.flush()
-                    os.fsync(out.fileno())  # a Ctrl-C or a crash keeps every finished sample
+                    _write(out, line)
 
                 session.generate(tokens, settings, plan.num_samples, on_sample=record, chain_indices=missing)
                 log(f"[{number}/{len(problems)}] {problem.id} {method}: {correct}/{len(missing)} correct")
     return read_results([plan.out])
+
+
+def _write(out: Any, line: dict[str, Any]) -> None:
+    out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    out.flush()
+    os.fsync(out.fileno())  # a Ctrl-C or a crash keeps every finished sample
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -156,7 +168,13 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method: accuracy, pass@k, and mean cost."""
     summary: dict[str, dict[str, Any]] = {}
     for method in dict.fromkeys(r["method"] for r in records):
-        rows = [r for r in records if r["method"] == method]
+        skipped = sum(1 for r in records if r["method"] == method and r.get("status") == "skipped")
+        rows = [r for r in records if r["method"] == method and r.get("status") != "skipped"]
+        if not rows:
+            summary[method] = {"problems": 0, "samples": 0, "skipped": skipped, "accuracy": 0.0, "pass_at_k": {},
+                               "mean_tokens_decoded": 0.0, "mean_wall_s": 0.0, "mean_acceptance_rate": None,
+                               "mean_moved_rate": None}
+            continue
         by_problem: dict[str, list[bool]] = {}
         for row in rows:
             by_problem.setdefault(row["id"], []).append(bool(row["correct"]))
@@ -167,6 +185,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         summary[method] = {
             "problems": len(by_problem),
             "samples": len(rows),
+            "skipped": skipped,
             "accuracy": sum(r["correct"] for r in rows) / len(rows),
             "pass_at_k": {
                 str(k): sum(pass_at_k(len(v), sum(v), k) for v in by_problem.values()) / len(by_problem) for k in ks
@@ -181,15 +200,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def summary_table(summary: dict[str, dict[str, Any]]) -> str:
     ks = sorted({int(k) for s in summary.values() for k in s["pass_at_k"]})
-    header = "| method | problems | accuracy | " + " | ".join(f"pass@{k}" for k in ks)
+    header = "| method | problems | skipped | accuracy | " + " | ".join(f"pass@{k}" for k in ks)
     header += " | tokens decoded | wall s | acceptance | moved |"
-    lines = [header, "|---|---:|---:|" + "---:|" * len(ks) + "---:|---:|---:|---:|"]
+    lines = [header, "|---|---:|---:|---:|" + "---:|" * len(ks) + "---:|---:|---:|---:|"]
     for method, s in summary.items():
         passes = " | ".join(f"{s['pass_at_k'][str(k)]:.3f}" if str(k) in s["pass_at_k"] else "" for k in ks)
         acceptance = "" if s["mean_acceptance_rate"] is None else f"{s['mean_acceptance_rate']:.2f}"
         moved = "" if s.get("mean_moved_rate") is None else f"{s['mean_moved_rate']:.2f}"
         lines.append(
-            f"| {method} | {s['problems']} | {s['accuracy']:.3f} | {passes} | "
+            f"| {method} | {s['problems']} | {s.get('skipped', 0)} | {s['accuracy']:.3f} | {passes} | "
             f"{s['mean_tokens_decoded']:.0f} | {s['mean_wall_s']:.1f} | {acceptance} | {moved} |"
         )
     return "\n".join(lines)

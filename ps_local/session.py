@@ -110,6 +110,14 @@ class Session:
         """The KV cache a run of these settings allocates (what --dry-run shows)."""
         return self._prepare(prompt_tokens, settings, num_samples)[2]
 
+    def unfit_reason(self, prompt_tokens: list[int], settings: SamplingSettings) -> str | None:
+        """Why a request cannot run here (a prompt too long for the context, ...), or None."""
+        try:
+            self._prepare(prompt_tokens, settings, 1)
+        except UserError as error:
+            return str(error)
+        return None
+
     def _prepare(
         self, prompt_tokens: list[int], settings: SamplingSettings, chains: int
     ) -> tuple[SamplingSettings, BatchLayout, CachePlan]:

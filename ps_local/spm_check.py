@@ -11,7 +11,8 @@ missing some of the 256 byte tokens need it: with all of them, any text encodes.
 from __future__ import annotations
 
 import heapq
-from typing import Mapping
+import re
+from typing import Mapping, Sequence
 
 SPACE = "\u2581"  # SentencePiece's escaped space
 
@@ -21,12 +22,39 @@ def byte_fallback(pieces: Mapping[str, float], byte: int) -> bool:
     return f"<0x{byte:02X}>" in pieces or (byte < 0x80 and chr(byte) in pieces)
 
 
-def unencodable_character(text: str, pieces: Mapping[str, float], add_space_prefix: bool = True) -> str | None:
+def fragments(text: str, specials: Sequence[str]) -> list[tuple[str, bool]]:
+    """``text`` split around special-token texts as llama.cpp splits it before tokenizing:
+    (fragment, whether a special token or the start precedes it)."""
+    pattern = "|".join(re.escape(special) for special in sorted(specials, key=len, reverse=True) if special)
+    parts = re.split(f"({pattern})", text) if pattern else [text]
+    result, after_special = [], True
+    for index, part in enumerate(parts):
+        if index % 2:  # a special token's own text: encoded as that token
+            after_special = True
+        elif part:
+            result.append((part, after_special))
+            after_special = False
+    return result
+
+
+def unencodable_character(
+    text: str, pieces: Mapping[str, float], add_space_prefix: bool = True, specials: Sequence[str] = ()
+) -> str | None:
     """The first character of ``text`` that llama.cpp's SPM tokenizer would need a missing
-    byte token for, or None when the text encodes. ``pieces``: token text -> score."""
+    byte token for, or None when the text encodes. ``pieces``: token text -> score;
+    ``specials``: texts llama.cpp encodes as one special token (split off first)."""
+    for fragment, after_special in fragments(text, specials):
+        # llama.cpp prefixes a space to a fragment at the start or after a special token.
+        char = _unencodable_in_fragment((" " if add_space_prefix and after_special else "") + fragment, pieces)
+        if char is not None:
+            return char
+    return None
+
+
+def _unencodable_in_fragment(text: str, pieces: Mapping[str, float]) -> str | None:
     if not text:
         return None
-    escaped = ((" " if add_space_prefix else "") + text).replace(" ", SPACE)
+    escaped = text.replace(" ", SPACE)
     symbols = list(escaped)  # one symbol per character to begin with
     alive = [True] * len(symbols)
     following = list(range(1, len(symbols))) + [-1]

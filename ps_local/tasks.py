@@ -65,13 +65,31 @@ def _read_records(path: Path) -> list[dict]:
         raise UserError(f"cannot read {path}: {error.strerror}") from None
     try:
         if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON / JSON lines (line {error.lineno})") from None
+    if not isinstance(records, list):
+        raise UserError(f"{path} holds no list of records")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: record {index} is not a JSON object")
+    return records
+
+
+def _unique(path: Path | str, problems: list[Problem]) -> list[Problem]:
+    """The problems, or UserError naming the first id used twice (results are keyed by id)."""
+    seen: dict[str, int] = {}
+    for index, problem in enumerate(problems):
+        if problem.id in seen:
+            raise UserError(f"{path}: records {seen[problem.id]} and {index} have the same id {problem.id!r}")
+        seen[problem.id] = index
+    return problems
 
 
 def load_math500(data: Path | None) -> Task:
+    math_grading.require_verifier()  # before any sampling: never silently wrong grades
     if data is None:
         from .models import hub_file
 
@@ -83,7 +101,7 @@ def load_math500(data: Path | None) -> Task:
             raise UserError(f"{data}: record {index} lacks problem/prompt or answer")
         identifier = record.get("unique_id", record.get("id", str(index)))
         problems.append(Problem(str(identifier), text, str(record["answer"])))
-    return Task("math500", problems, "math", "math")
+    return Task("math500", _unique(data, problems), "math", "math")
 
 
 def load_humaneval() -> Task:
@@ -106,8 +124,13 @@ def load_jsonl(path: Path, grader: str) -> Task:
         missing = [key for key in ("prompt", "answer") if key not in record]
         if missing:
             raise UserError(f"{path}: record {index} lacks {', '.join(missing)}")
+        if grader == "regex":
+            try:
+                re.compile(str(record["answer"]))
+            except re.error as error:
+                raise UserError(f"{path}: record {index}: the answer is not a valid regex ({error})") from None
         problems.append(Problem(str(record.get("id", index)), record["prompt"], str(record["answer"])))
-    return Task(path.stem, problems, grader, None)
+    return Task(path.stem, _unique(path, problems), grader, None)
 
 
 def load_task(name: str, data: Path | None = None, grader: str = "exact") -> Task:

@@ -348,3 +348,9 @@ def test_an_unwritable_eval_folder_is_one_line(tiny_gguf, tmp_path):
     task.write_text(json.dumps({"id": "a", "prompt": "yes", "answer": "yes"}) + "\n")
     result = ps_local("eval", str(tiny_gguf), str(task), "--out", str(blocker / "out"), "--max-tokens", "2")
     assert_one_line_error(result, str(blocker))
+
+
+def test_an_invalid_utf8_prompt_argument_is_one_line(tiny_gguf):
+    result = subprocess.run([sys.executable.encode(), b"-m", b"ps_local.cli", b"generate", str(tiny_gguf).encode(),
+                             b"yes \xff no"], capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert_one_line_error(result, "not valid UTF-8")

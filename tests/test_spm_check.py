@@ -24,3 +24,12 @@ def test_a_character_that_cannot_merge_here_is_found():
 def test_byte_tokens_rescue_any_character():
     pieces = {**PIECES, **{f"<0x{b:02X}>": 0.0 for b in range(256)}}
     assert unencodable_character("xy é ✓", pieces) is None
+
+
+def test_special_tokens_are_split_off_first():
+    # llama.cpp encodes "<s>" as one token and tokenizes the text around it on its own,
+    # with a space before each fragment that follows a special token.
+    assert unencodable_character("<s>yes", PIECES, specials=["<s>"]) is None
+    assert unencodable_character("yes<s>yes", PIECES, specials=["<s>"]) is None
+    assert unencodable_character("yes<s>é", PIECES, specials=["<s>"]) == "é"
+    assert unencodable_character("<s>yes", PIECES) == "<"  # without the split: refused
