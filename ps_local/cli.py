@@ -264,11 +264,12 @@ def eval_run(context: click.Context, model: str, task: str, methods: str, num_sa
               help="Where the merged summary goes [default: the first DIRECTORY].")
 def eval_merge(directories: tuple[Path, ...], out: Path | None) -> None:
     """Summarize the results of several runs or shards together."""
-    from .evaluate import read_results, summarize, summary_table, write_summary
+    from .evaluate import check_mergeable, read_results, summarize, summary_table, write_summary
 
     missing = [str(d) for d in directories if not d.is_dir()]
     if missing:
         raise UserError(f"not a results directory: {', '.join(missing)}")
+    check_mergeable(directories)
     records = read_results(directories)
     if not records:
         raise UserError(f"no results*.jsonl lines in {', '.join(map(str, directories))}")

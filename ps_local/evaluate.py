@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import UserError
 from .prompts import PromptSettings, prompt_tokens
+from .run_config import claim_folder, differences, fingerprint, read_config, run_config
 from .session import Session
 from .settings import Sample, SamplingSettings
 from .tasks import Problem, Task
@@ -59,8 +60,9 @@ def results_file(plan: EvalPlan) -> Path:
 
 
 def read_results(directories: Iterable[Path]) -> list[dict[str, Any]]:
-    """Every result line under the directories, once per (problem, method, sample)."""
-    seen: set[tuple[str, str, int]] = set()
+    """Every result line under the directories, once per (problem, method, sample, run seed):
+    shards of one run add up, independent runs with other seeds add their samples."""
+    seen: set[tuple[str, str, int, Any]] = set()
     records = []
     for directory in directories:
         for path in sorted(Path(directory).glob(RESULTS_GLOB)):
@@ -69,7 +71,7 @@ def read_results(directories: Iterable[Path]) -> list[dict[str, Any]]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by an interruption: that sample runs again
-                key = (record["id"], record["method"], record["sample"])
+                key = (record["id"], record["method"], record["sample"], record.get("run_seed"))
                 if key not in seen:
                     seen.add(key)
                     records.append(record)
@@ -91,11 +93,16 @@ def run_eval(
 ) -> list[dict[str, Any]]:
     """Run what is missing of the plan, appending results as they finish; return all results."""
     plan.out.mkdir(parents=True, exist_ok=True)
-    done = {(r["id"], r["method"], r["sample"]) for r in read_results([plan.out])}
-    problems = select_problems(task, plan)
     seed = base.seed if base.seed is not None else 0
     stops = tuple(dict.fromkeys(base.stop + task.stops))
     prompt_settings = PromptSettings(task.template, plan.chat, plan.system)
+    config = run_config(session.engine.path, task.name, task.problems,
+                        {"template": task.template, "chat": plan.chat, "system": plan.system},
+                        replace(base, seed=seed, stop=stops))
+    claim_folder(plan.out, config)  # refuses a folder that holds another configuration's results
+    stamp = {"config": fingerprint(config), "run_seed": seed}
+    done = {(r["id"], r["method"], r["sample"]) for r in read_results([plan.out])}
+    problems = select_problems(task, plan)
     path = results_file(plan)
     with path.open("a", encoding="utf-8") as out:
         if out.tell() and not _ends_with_newline(path):
@@ -111,7 +118,7 @@ def run_eval(
                     # One problem that cannot run must not end the evaluation: it is recorded.
                     for index in missing:
                         _write(out, {"id": problem.id, "method": method, "sample": index, "prompt": problem.prompt,
-                                     "status": "skipped", "reason": unfit, "correct": False})
+                                     "status": "skipped", "reason": unfit, "correct": False, **stamp})
                     log(f"[{number}/{len(problems)}] {problem.id} {method}: skipped ({unfit})")
                     continue
                 settings = replace(base, method=method, seed=problem_seed(seed, problem.id, method), stop=stops)
@@ -137,6 +144,7 @@ def run_eval(
                         "acceptance_rate": sample.stats.acceptance_rate,
                         "moved_rate": sample.stats.moved / sample.stats.mh_steps if sample.stats.mh_steps else None,
                         "seed": settings.seed,
+                        **stamp,
                     }
                     _write(out, line)
 
@@ -155,6 +163,16 @@ def _ends_with_newline(path: Path) -> bool:
     with path.open("rb") as handle:
         handle.seek(-1, os.SEEK_END)
         return handle.read(1) == b"\n"
+
+
+def check_mergeable(directories: Iterable[Path]) -> None:
+    """UserError when the folders hold results of different configurations (seeds aside)."""
+    configs = [(Path(d), config) for d in directories if (config := read_config(Path(d))) is not None]
+    for directory, config in configs[1:]:
+        if fingerprint(config) != fingerprint(configs[0][1]):
+            changed = differences(configs[0][1], config)
+            raise UserError(f"{configs[0][0]} and {directory} hold results of different configurations "
+                            f"({'; '.join(changed[:4])}); merge runs of one configuration (seeds may differ)")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

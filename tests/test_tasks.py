@@ -58,3 +58,52 @@ def test_a_problem_that_does_not_fit_is_skipped_not_fatal(tiny_gguf, tmp_path):
                      "--ctx", "16", "--max-tokens", "4", "--mcmc-steps", "2", "--block-size", "4")
     assert again.returncode == 0 and "skipped (" not in again.stderr
     assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)
+
+
+# -- a run knows what produced it -------------------------------------------------------------
+
+FAST = ["--max-tokens", "4", "--block-size", "4", "--mcmc-steps", "2", "--threads", "2", "--grader", "regex",
+        "-n", "2", "--methods", "power"]
+
+
+@pytest.fixture()
+def words(tmp_path) -> Path:
+    return write_task(tmp_path / "words.jsonl", [{"id": f"w{i}", "prompt": "yes no", "answer": "yes"} for i in range(3)])
+
+
+def results(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "results.jsonl").read_text().splitlines()]
+
+
+def test_another_model_cannot_use_the_same_folder(tiny_gguf, words, tmp_path):
+    from conftest import write_tiny_model
+
+    other = write_tiny_model(tmp_path / "other.gguf", "--seed", "5")
+    out = tmp_path / "out"
+    first = ps_local("eval", str(tiny_gguf), str(words), "--out", str(out), "--seed", "1", *FAST)
+    assert first.returncode == 0, first.stderr
+    config = json.loads((out / "run.json").read_text())
+    assert config["model"]["size"] == tiny_gguf.stat().st_size and config["settings"]["max_tokens"] == 4
+    assert len({line["config"] for line in results(out)}) == 1
+    second = ps_local("eval", str(other), str(words), "--out", str(out), "--seed", "1", *FAST)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert "another configuration" in second.stderr and "model.sha256_edges" in second.stderr
+    changed = ps_local("eval", str(tiny_gguf), str(words), "--out", str(out), "--seed", "1", *FAST[2:],
+                       "--max-tokens", "6")
+    assert changed.returncode == 2 and "settings.max_tokens: 4 -> 6" in changed.stderr, changed.stderr
+    assert len(results(out)) == 6  # nothing was added by the refused runs
+
+
+def test_independent_runs_merge_completely_and_other_configurations_do_not(tiny_gguf, words, tmp_path):
+    for name, seed in (("a", "1"), ("b", "2")):
+        run = ps_local("eval", str(tiny_gguf), str(words), "--out", str(tmp_path / name), "--seed", seed, *FAST)
+        assert run.returncode == 0, run.stderr
+    merged = ps_local("eval", "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m"))
+    assert merged.returncode == 0, merged.stderr
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["power"]["samples"] == 12 and "4" in summary["power"]["pass_at_k"]  # 2 runs x 3 x 2
+    other = ps_local("eval", str(tiny_gguf), str(words), "--out", str(tmp_path / "c"), "--seed", "1", *FAST,
+                     "--alpha", "2")
+    assert other.returncode == 0, other.stderr
+    refused = ps_local("eval", "merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "m2"))
+    assert refused.returncode == 2 and "settings.alpha: 4.0 -> 2.0" in refused.stderr, refused.stderr
