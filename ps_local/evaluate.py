@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -23,6 +25,7 @@ from .settings import Sample, SamplingSettings
 from .tasks import Problem, Task
 
 RESULTS_GLOB = "results*.jsonl"
+GRADING_WORKERS = 2  # checks mostly wait on their sandboxed process
 
 
 @dataclass(frozen=True)
@@ -107,50 +110,111 @@ def run_eval(
     with path.open("a", encoding="utf-8") as out:
         if out.tell() and not _ends_with_newline(path):
             out.write("\n")  # close a line an interruption cut short, so new lines stay whole
-        for number, problem in enumerate(problems, start=1):
-            tokens = prompt_tokens(session.engine, problem.prompt, prompt_settings)
-            for method in plan.methods:
-                missing = [k for k in range(plan.num_samples) if (problem.id, method, k) not in done]
-                if not missing:
-                    continue
-                unfit = session.unfit_reason(tokens, replace(base, method=method))
-                if unfit is not None:
-                    # One problem that cannot run must not end the evaluation: it is recorded.
-                    for index in missing:
-                        _write(out, {"id": problem.id, "method": method, "sample": index, "prompt": problem.prompt,
-                                     "status": "skipped", "reason": unfit, "correct": False, **stamp})
-                    log(f"[{number}/{len(problems)}] {problem.id} {method}: skipped ({unfit})")
-                    continue
-                settings = replace(base, method=method, seed=problem_seed(seed, problem.id, method), stop=stops)
-                correct = 0
+        # Grading runs beside the sampling, not on its path (see GradingPool).
+        graders = GradingPool(task, out, log)
+        try:
+            for number, problem in enumerate(problems, start=1):
+                tokens = prompt_tokens(session.engine, problem.prompt, prompt_settings)
+                for method in plan.methods:
+                    missing = [k for k in range(plan.num_samples) if (problem.id, method, k) not in done]
+                    if not missing:
+                        continue
+                    unfit = session.unfit_reason(tokens, replace(base, method=method))
+                    if unfit is not None:
+                        # One problem that cannot run must not end the evaluation: it is recorded.
+                        for index in missing:
+                            graders.write({"id": problem.id, "method": method, "sample": index,
+                                           "prompt": problem.prompt, "status": "skipped", "reason": unfit,
+                                           "correct": False, **stamp})
+                        log(f"[{number}/{len(problems)}] {problem.id} {method}: skipped ({unfit})")
+                        continue
+                    settings = replace(base, method=method, seed=problem_seed(seed, problem.id, method), stop=stops)
+                    label = f"[{number}/{len(problems)}] {problem.id} {method}"
+                    graders.expect(label, len(missing))
 
-                def record(index: int, sample: Sample) -> None:
-                    nonlocal correct
-                    grade = task.grade(problem, sample.text)
-                    correct += grade.correct
-                    line = {
-                        "id": problem.id,
-                        "method": method,
-                        "sample": index,
-                        "prompt": problem.prompt,
-                        "completion": sample.text,
-                        "tokens": sample.tokens,
-                        "extracted": grade.extracted if task.grader != "code" else None,
-                        "reference": problem.answer,
-                        "correct": grade.correct,
-                        "status": grade.status,
-                        "tokens_decoded": sample.stats.tokens_decoded,
-                        "wall_s": sample.stats.wall_s,
-                        "acceptance_rate": sample.stats.acceptance_rate,
-                        "moved_rate": sample.stats.moved / sample.stats.mh_steps if sample.stats.mh_steps else None,
-                        "seed": settings.seed,
-                        **stamp,
-                    }
-                    _write(out, line)
+                    def record(index: int, sample: Sample, problem: Problem = problem, method: str = method,
+                               settings: SamplingSettings = settings, label: str = label) -> None:
+                        graders.submit(label, problem, sample, {
+                            "id": problem.id,
+                            "method": method,
+                            "sample": index,
+                            "prompt": problem.prompt,
+                            "completion": sample.text,
+                            "tokens": sample.tokens,
+                            "reference": problem.answer,
+                            "tokens_decoded": sample.stats.tokens_decoded,
+                            "wall_s": sample.stats.wall_s,
+                            "acceptance_rate": sample.stats.acceptance_rate,
+                            "moved_rate": sample.stats.moved / sample.stats.mh_steps if sample.stats.mh_steps else None,
+                            "seed": settings.seed,
+                            **stamp,
+                        })
 
-                session.generate(tokens, settings, plan.num_samples, on_sample=record, chain_indices=missing)
-                log(f"[{number}/{len(problems)}] {problem.id} {method}: {correct}/{len(missing)} correct")
+                    session.generate(tokens, settings, plan.num_samples, on_sample=record, chain_indices=missing)
+                    graders.raise_failure()
+        except BaseException:
+            graders.cancel()
+            raise
+        graders.finish()
     return read_results([plan.out])
+
+
+class GradingPool:
+    """Grades samples on worker threads while the next problems sample.
+
+    A check waits on a sandboxed process (up to 10 s for code); on the sampling thread it
+    would stall every chain of the batch. Each line is written and fsync'd as soon as its
+    grade is known, so results stay streamed and resumable; an interruption loses only
+    samples not yet graded, which a rerun samples again.
+    """
+
+    def __init__(self, task: Task, out: Any, log: Callable[[str], None], workers: int = GRADING_WORKERS):
+        self.task = task
+        self.out = out
+        self.log = log
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ps-local-grade")
+        self._lock = threading.Lock()
+        self._futures: list[Future[None]] = []
+        self._tally: dict[str, list[int]] = {}  # label -> [still to grade, correct, samples]
+
+    def expect(self, label: str, count: int) -> None:
+        self._tally[label] = [count, 0, count]
+
+    def submit(self, label: str, problem: Problem, sample: Sample, line: dict[str, Any]) -> None:
+        self._futures.append(self._pool.submit(self._grade, label, problem, sample, line))
+
+    def _grade(self, label: str, problem: Problem, sample: Sample, line: dict[str, Any]) -> None:
+        grade = self.task.grade(problem, sample.text)
+        line.update({"extracted": grade.extracted if self.task.grader != "code" else None,
+                     "correct": grade.correct, "status": grade.status})
+        with self._lock:
+            _write(self.out, line)
+            tally = self._tally[label]  # under the lock: the graders share it
+            tally[0] -= 1
+            tally[1] += grade.correct
+            if tally[0] == 0:
+                self.log(f"{label}: {tally[1]}/{tally[2]} correct")
+
+    def write(self, line: dict[str, Any]) -> None:
+        """A line known without grading (a skipped problem), between the graders' own."""
+        with self._lock:
+            _write(self.out, line)
+
+    def raise_failure(self) -> None:
+        """Re-raise, on the sampling thread, an error a finished grading job met (a full disk...)."""
+        for future in self._futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+        self._futures = [future for future in self._futures if not future.done()]
+
+    def finish(self) -> None:
+        """Wait for every grade."""
+        self._pool.shutdown(wait=True)
+        self.raise_failure()
+
+    def cancel(self) -> None:
+        """Drop the grades not started; the checks in flight end, and clean up, first."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write(out: Any, line: dict[str, Any]) -> None:

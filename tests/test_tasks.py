@@ -107,3 +107,30 @@ def test_independent_runs_merge_completely_and_other_configurations_do_not(tiny_
     assert other.returncode == 0, other.stderr
     refused = ps_local("eval", "merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "m2"))
     assert refused.returncode == 2 and "settings.alpha: 4.0 -> 2.0" in refused.stderr, refused.stderr
+
+
+def test_grading_runs_beside_the_sampling(tiny_gguf, words, tmp_path):
+    """Grades are computed on the grading threads, never on the sampling thread, and every
+    sample still gets its line."""
+    import threading
+
+    from ps_local.evaluate import EvalPlan, read_results, run_eval
+    from ps_local.session import Session
+    from ps_local.settings import SamplingSettings
+    from ps_local.tasks import Grade, load_task
+
+    task = load_task(str(words), grader="regex")
+    threads: list[str] = []
+
+    class Recording(type(task)):  # the same task, with a grader that notes where it runs
+        def grade(self, problem, completion):
+            threads.append(threading.current_thread().name)
+            return Grade(completion, True, "correct")
+
+    recording = Recording(task.name, task.problems, task.grader, task.template, task.stops)
+    plan = EvalPlan(("power", "standard"), 2, tmp_path / "out")
+    settings = SamplingSettings(max_tokens=4, block_size=4, mcmc_steps=2, seed=3)
+    with Session(tiny_gguf) as session:
+        records = run_eval(session, recording, plan, settings, lambda line: None)
+    assert len(records) == len(read_results([plan.out])) == 3 * 2 * 2
+    assert len(threads) == 12 and all(name.startswith("ps-local-grade") for name in threads)
