@@ -147,7 +147,7 @@ class Chain:
         self.slots = list(slots)  # the first holds the initial sequence; 1 + max round width
         # Slot 0 for the block extensions, one per proposal of a round after it.
         self.streams = Streams(chain_seed, 1 + max_round_width)
-        self.rng = self.streams.start(EXTEND_STREAM, 0)
+        self.rng: np.random.Generator  # the extension stream of the block being grown: set in run()
         self.stops = stop_matcher
         self.index = index
         self.progress = progress

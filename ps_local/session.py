@@ -9,7 +9,7 @@ from typing import Callable
 
 from .engine import EngineError, LlamaEngine
 from .errors import UserError
-from .gguf_file import check_architecture, check_gguf, read_metadata
+from .gguf_file import check_architecture, read_metadata
 from .memory import CACHE_TYPES, CachePlan, KvShape, check_cache_type, format_bytes, kv_bytes_per_cell, plan_cache
 from .sampler import ProgressCallback, sample
 from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
@@ -70,9 +70,8 @@ class Session:
 
     def __init__(self, model_path: str | os.PathLike[str], options: RuntimeOptions = RuntimeOptions()):
         path = Path(model_path)
-        check_gguf(path)
+        metadata = read_metadata(path)  # checks the file is a readable GGUF first
         options.validate()
-        metadata = read_metadata(path)
         # Refused before llama.cpp loads it: a recurrent state cannot be branched.
         check_architecture(metadata, str(path))
         try:
