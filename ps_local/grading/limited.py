@@ -4,7 +4,10 @@ ps-local starts this file as a fresh, single-threaded interpreter (never ``preex
 ps-local's own process, whose llama.cpp threads make forking and running Python unsafe). It
 sets its limits, then replaces itself with the command:
 
-    python -I limited.py CPU_SECONDS MEMORY_BYTES PROCESSES FILE_BYTES -- COMMAND...
+    python -I limited.py CPU_SECONDS MEMORY_BYTES PROCESSES FILE_BYTES CGROUP_PROCS -- COMMAND...
+
+CGROUP_PROCS is the ``cgroup.procs`` file of the run's pids cgroup, which it joins first, or
+``-`` where there is none.
 
 Only the standard library, no ps_local import: it must start fast and run in ``-I`` mode.
 """
@@ -33,10 +36,14 @@ def user_tasks(uid: int) -> int:
 
 
 def main() -> None:
+    if len(sys.argv) < 8 or sys.argv[6] != "--":
+        sys.exit("usage: limited.py CPU_SECONDS MEMORY_BYTES PROCESSES FILE_BYTES CGROUP_PROCS -- COMMAND...")
     cpu_s, memory, processes, file_size = (int(value) for value in sys.argv[1:5])
-    if sys.argv[5] != "--" or len(sys.argv) < 7:
-        sys.exit("usage: limited.py CPU_SECONDS MEMORY_BYTES PROCESSES FILE_BYTES -- COMMAND...")
-    command = sys.argv[6:]
+    cgroup_procs, command = sys.argv[5], sys.argv[7:]
+    if cgroup_procs != "-":
+        # Joined before anything else runs, so every process the program starts is inside.
+        with open(cgroup_procs, "w", encoding="ascii") as join:
+            join.write(str(os.getpid()))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))  # SIGXCPU, then SIGKILL
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
