@@ -23,6 +23,8 @@ from .streams import Streams
 # A chain yields the decode requests it needs next and receives one logits row for each.
 ChainRun = Generator[list[DecodeRequest], Sequence[np.ndarray], Any]
 
+PAUSE_EVERY = 32  # MH rounds without a decode after which a chain yields to its driver
+
 # Kinds of random stream a chain draws from, each indexed (block, MH step).
 EXTEND_STREAM = 0
 MH_STREAM = 1
@@ -46,6 +48,7 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+TokenCallback = Callable[[int, list[int]], None]  # (chain, its tokens so far)
 
 
 @dataclass
@@ -139,8 +142,12 @@ class Chain:
         index: int = 0,
         progress: ProgressCallback | None = None,
         max_round_width: int = 1,
+        on_token: TokenCallback | None = None,
     ):
         self.engine = engine
+        # Only a plain decode's tokens are final as they are drawn: a later MH step may change
+        # any token of a power sample, so those are never reported early.
+        self.on_token = on_token if settings.steps_per_block == 0 else None
         self.max_round_width = max_round_width
         self.settings = settings
         self.prompt = list(prompt)
@@ -173,6 +180,7 @@ class Chain:
             prompt_tokens=len(self.prompt),
         )
         self._start = time.perf_counter()
+        self._rounds_without_decode = 0
 
     # -- the chain ---------------------------------------------------------------------
 
@@ -189,9 +197,17 @@ class Chain:
             next_logits = None
             steps = 0
             while steps < settings.steps_per_block:
+                decoded = self.stats.tokens_decoded
                 current, used = yield from self._mh_round(current, limit, settings.steps_per_block - steps)
                 steps += used
                 self._report(block, len(ends), steps)
+                if self.stats.tokens_decoded == decoded:
+                    # Proposals drawn from stored tables need no decode, so a chain could run
+                    # thousands of steps without returning to its driver: pause now and then,
+                    # so that other chains advance and a cancellation is seen. Draws nothing.
+                    self._rounds_without_decode += 1
+                    if self._rounds_without_decode % PAUSE_EVERY == 0:
+                        yield []
             if current.end is not None:
                 break
         return self._finish(current)
@@ -217,6 +233,9 @@ class Chain:
             trajectory.end = "eos"
         elif self.stops.completes_stop(trajectory.tokens):
             trajectory.end = "stop"
+        if self.on_token is not None and trajectory.end is None:
+            # Not the token that ends it: a stop string it completes is cut from the final text.
+            self.on_token(self.index, trajectory.tokens)
 
     def _round_width(self, steps_left: int) -> int:
         """How many proposals to decode together: about the expected number of rejections
@@ -455,74 +474,3 @@ def chain_seeds(seed: int, count: int) -> list[int]:
 def slots_per_chain(settings: SamplingSettings, max_round_width: int) -> int:
     """Engine slots one chain uses: its sequence, plus one per proposal in a round."""
     return 1 + max_round_width if settings.steps_per_block else 1
-
-
-def sample(
-    engine: Engine,
-    prompt: Sequence[int],
-    settings: SamplingSettings,
-    num_samples: int = 1,
-    chains_per_batch: int = 8,
-    max_round_width: int = 1,
-    progress: ProgressCallback | None = None,
-    on_sample: Callable[[int, Sample], None] | None = None,
-    chain_indices: Sequence[int] | None = None,
-) -> list[Sample]:
-    """Draw ``num_samples`` independent samples; chains advance together in batches.
-
-    The engine needs ``1 + chains * slots_per_chain(...)`` slots, chains being
-    ``min(num_samples, chains_per_batch)``: slot 0 keeps the prompt. ``max_round_width``
-    proposals per chain may be decoded together (a speed setting: the output distribution
-    is the same for every width). ``chain_indices`` runs only those of the chains
-    0 .. num_samples-1 (a resumed evaluation): each chain's randomness depends only on the
-    seed and its index.
-    """
-    settings.validate()
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
-    indices = list(range(num_samples)) if chain_indices is None else list(chain_indices)
-    seeds = chain_seeds(seed, max(indices, default=-1) + 1)
-    stop_matcher = StopMatcher(settings.stop, engine.token_bytes)
-    per_chain = slots_per_chain(settings, max_round_width)
-    engine.reset()
-    (prompt_logits,) = engine.decode([(0, list(prompt))])
-    results: dict[int, Sample] = {}
-    for first in range(0, len(indices), chains_per_batch):
-        runs: dict[int, ChainRun] = {}
-        for offset, index in enumerate(indices[first : first + chains_per_batch]):
-            slots = [1 + per_chain * offset + k for k in range(per_chain)]
-            for slot in slots:
-                engine.copy_prefix(0, slot, len(prompt))
-            chain = Chain(
-                engine, settings, prompt, slots, seed, seeds[index], stop_matcher, index, progress, max_round_width
-            )
-            runs[index] = chain.run(prompt_logits.copy())
-        requests = _advance(runs, {index: None for index in runs}, results, on_sample)
-        while requests:
-            flat = [request for index in requests for request in requests[index]]
-            rows = engine.decode(flat)
-            replies, offset = {}, 0
-            for index, wanted in requests.items():
-                replies[index] = rows[offset : offset + len(wanted)]
-                offset += len(wanted)
-            requests = _advance(runs, replies, results, on_sample)
-    return [results[index] for index in indices]
-
-
-def _advance(
-    runs: dict[int, ChainRun],
-    replies: dict[int, Sequence[np.ndarray] | None],
-    results: dict[int, Sample],
-    on_sample: Callable[[int, Sample], None] | None,
-) -> dict[int, list[DecodeRequest]]:
-    """Send each chain its logits; collect what each wants decoded next."""
-    requests = {}
-    for index, reply in replies.items():
-        try:
-            requests[index] = runs[index].send(reply)  # type: ignore[arg-type]
-        except StopIteration as done:
-            results[index] = done.value
-            if on_sample is not None:
-                on_sample(index, done.value)
-    return requests

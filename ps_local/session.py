@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -11,7 +12,8 @@ from .engine import EngineError, LlamaEngine
 from .errors import UserError
 from .gguf_file import check_architecture, read_metadata
 from .memory import CACHE_TYPES, CachePlan, KvShape, check_cache_type, format_bytes, kv_bytes_per_cell, plan_cache
-from .sampler import ProgressCallback, sample
+from .sampler import ProgressCallback, TokenCallback
+from .scheduler import Job, Scheduler, random_seed
 from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
 
 
@@ -89,8 +91,9 @@ class Session:
         if options.ctx is not None and options.ctx > self.engine.n_ctx_train:
             self.engine.close()
             raise UserError(f"--ctx {options.ctx} exceeds the model's trained context of {self.engine.n_ctx_train} tokens")
-        self._cells = 0
-        self._slots = 0
+        self._scheduler: Scheduler | None = None
+        self._fixed = False  # reserve() sized the cache: it no longer grows
+        self._step_lock = threading.RLock()
 
     def tokenize(self, prompt: str, special: bool = False) -> list[int]:
         return self.engine.tokenize(prompt, special=special)
@@ -132,6 +135,58 @@ class Session:
                           self.options.cache_type)
         return replace(settings, max_tokens=max_tokens), layout, plan
 
+    def submit(
+        self,
+        prompt_tokens: list[int],
+        settings: SamplingSettings,
+        num_samples: int = 1,
+        progress: ProgressCallback | None = None,
+        on_sample: Callable[[int, Sample], None] | None = None,
+        chain_indices: list[int] | None = None,
+        concurrent_chains: int | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> Job:
+        """Queue a request; it runs whenever a caller of ``run`` (or ``generate``) steps.
+
+        ``concurrent_chains``: how many chains are expected to share the machine, which sets the
+        proposals decoded per chain (default: this request's own chains). UserError for a
+        request that cannot run here.
+        """
+        indices = list(range(num_samples)) if chain_indices is None else list(chain_indices)
+        check_request(settings, max(1, len(indices)))
+        settings, layout, plan = self._prepare(prompt_tokens, settings, concurrent_chains or max(1, len(indices)))
+        seed = settings.seed if settings.seed is not None else random_seed()
+        job = Job(list(prompt_tokens), replace(settings, seed=seed), indices, layout.round_width, on_sample, progress,
+                  on_token)
+        with self._step_lock:
+            self._ensure_capacity(plan)
+            return self.scheduler.submit(job)
+
+    def make_room(self, prompt_tokens: int, settings: SamplingSettings, chains: int) -> None:
+        """Grow the cache (when idle) for several prompts of ``prompt_tokens`` tokens in all and
+        ``chains`` chains at once, so that they all run together."""
+        fitted, layout, _ = self._prepare([0], settings, chains)
+        plan = plan_cache(self.kv_shape, prompt_tokens, fitted.token_budget, layout.chains, layout.round_width,
+                          self.options.cache_type)
+        with self._step_lock:
+            self._ensure_capacity(replace(plan, slots=min(MAX_SEQUENCES, plan.slots + chains)))
+
+    def step(self) -> bool:
+        """One scheduler step under the step lock (a serving thread calls this in a loop)."""
+        with self._step_lock:
+            return self._scheduler.step() if self._scheduler is not None else False
+
+    def run(self, jobs: list[Job]) -> None:
+        """Step the scheduler until ``jobs`` have finished. Several threads may call this at
+        once: whoever holds the step lock advances everyone's chains."""
+        while not all(job.done.is_set() for job in jobs):
+            if not self._step_lock.acquire(timeout=0.05):
+                continue
+            try:
+                self.scheduler.run_until_done(jobs, steps=1)
+            finally:
+                self._step_lock.release()
+
     def generate(
         self,
         prompt_tokens: list[int],
@@ -141,27 +196,39 @@ class Session:
         on_sample: Callable[[int, Sample], None] | None = None,
         chain_indices: list[int] | None = None,
     ) -> list[Sample]:
-        check_request(settings, num_samples)
-        chains = num_samples if chain_indices is None else len(chain_indices)
-        settings, layout, plan = self._prepare(prompt_tokens, settings, chains)
-        if plan.cells > self._cells or plan.slots > self._slots:
-            try:
-                self.engine.allocate(plan.cells, plan.slots, self.options.cache_type)
-            except EngineError as error:
-                raise UserError(f"{error} ({plan.describe()}; lower --max-tokens, --chains-per-batch or "
-                                "--round-width, or use --cache-type q8_0)") from None
-            self._cells, self._slots = plan.cells, plan.slots
-        return sample(
-            self.engine,
-            prompt_tokens,
-            settings,
-            num_samples=num_samples,
-            chains_per_batch=layout.chains,
-            max_round_width=max(1, layout.round_width),
-            progress=progress,
-            on_sample=on_sample,
-            chain_indices=chain_indices,
-        )
+        job = self.submit(prompt_tokens, settings, num_samples, progress, on_sample, chain_indices)
+        self.run([job])
+        return job.result()
+
+    def reserve(self, cells: int, slots: int) -> None:
+        """Size the KV cache for at least ``cells`` cells and ``slots`` sequences now (a server
+        does this once at start; later requests then wait for room instead of growing it)."""
+        bytes_per_cell = None if self.kv_shape is None else kv_bytes_per_cell(self.kv_shape, self.options.cache_type)
+        with self._step_lock:
+            self._ensure_capacity(CachePlan(cells, min(slots, MAX_SEQUENCES), bytes_per_cell, self.options.cache_type))
+            self._fixed = True
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError("no KV cache yet: submit a request or reserve() first")
+        return self._scheduler
+
+    def _ensure_capacity(self, plan: CachePlan) -> None:
+        """Grow the context to fit ``plan``, when nothing runs in it (growing empties the cache)."""
+        current = self._scheduler
+        if current is not None:
+            if plan.cells <= current.cells and plan.slots <= current.slots:
+                return
+            if self._fixed or current.pending():
+                return  # the job waits for room, or Scheduler.check_fits refuses it
+            plan = replace(plan, cells=max(plan.cells, current.cells), slots=max(plan.slots, current.slots))
+        try:
+            self.engine.allocate(plan.cells, plan.slots, self.options.cache_type)
+        except EngineError as error:
+            raise UserError(f"{error} ({plan.describe()}; lower --max-tokens, --chains-per-batch or "
+                            "--round-width, or use --cache-type q8_0)") from None
+        self._scheduler = Scheduler(self.engine, plan.slots, self.options.chains_per_batch, plan.cells)
 
     def memory_summary(self) -> dict[str, object]:
         """What ``ps-local info`` shows about the KV cache: per token, and for the defaults."""

@@ -21,7 +21,7 @@ from make_tiny_gguf import write_tiny_gguf  # noqa: E402
 
 from ps_local.engine import LlamaEngine  # noqa: E402
 from ps_local.exact import enumerate_sequences, noise_floor, total_variation, tv_bound  # noqa: E402
-from ps_local.sampler import sample  # noqa: E402
+from ps_local.scheduler import sample  # noqa: E402
 from ps_local.settings import SamplingSettings  # noqa: E402
 
 STEPS = (0, 1, 2, 5, 10, 20, 50, 100, 200)

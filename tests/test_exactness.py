@@ -22,7 +22,7 @@ from ps_local.engine import LlamaEngine
 from ps_local.exact import ExactDistribution, blockwise_limit, enumerate_sequences, total_variation
 from ps_local.exact import tv_bound as noise_bound
 from ps_local.protocol import Engine
-from ps_local.sampler import sample
+from ps_local.scheduler import sample
 from ps_local.settings import Sample, SamplingSettings
 from ps_local.toy_engine import ToyEngine
 
@@ -197,5 +197,7 @@ def test_max_swap_never_lowers_the_likelihood(case):
     start = sample(case.engine, case.prompt, SamplingSettings(**{**settings.__dict__, "mcmc_steps": 0}), 50)
     end = sample(case.engine, case.prompt, settings, 50)
     gains = [sum(e.logprobs) - sum(s.logprobs) for s, e in zip(start, end)]
-    assert min(gains) >= -1e-6
+    # Exact on the toy; through llama.cpp the same sequence scored in another batch layout moves
+    # by float32 noise (about 1e-4 here), far below what one lowering move costs.
+    assert min(gains) >= (-1e-6 if isinstance(case.engine, ToyEngine) else -1e-3)
     assert sum(gain > 1e-6 for gain in gains) >= 5  # it climbs, too

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ps_local.engine import LlamaEngine
-from ps_local.sampler import sample
+from ps_local.scheduler import sample
 from ps_local.settings import Sample, SamplingSettings
 from ps_local.toy_engine import ToyEngine
 
