@@ -32,7 +32,8 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-tokens", type=int, default=None,
                      help="Most new tokens [default: 3072, or what fits the context]."),
         click.option("--proposal-temp", type=float, default=None,
-                     help="Proposal temperature [default: 1/alpha; 1 for alpha=inf]."),
+                     help="Proposal temperature [default: 1/alpha; 1 for alpha=inf]; with --method "
+                          "standard, its sampling temperature [default: 1]."),
         click.option("--seed", type=int, default=None, help="Random seed [default: random, reported]."),
         click.option("--stop", multiple=True, help="Stop string; ends a sequence inside the sampler (repeatable)."),
         click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]."),
@@ -93,7 +94,7 @@ METHOD_OPTIONS = {
     "alpha": ("power", "low-temp"),
     "block_size": ("power",),
     "mcmc_steps": ("power",),
-    "proposal_temp": ("power",),
+    "proposal_temp": ("power", "standard"),
     "round_width": ("power",),
 }
 
@@ -163,8 +164,7 @@ def generate(
 
     Only the generated text (or JSON) goes to stdout; progress and the summary go to stderr.
     """
-    from .models import resolve_model
-    from .session import Session  # loads llama.cpp: keep --help fast
+    from .api import load  # loads llama.cpp: keep --help fast
 
     prompt_settings = PromptSettings(options["template"], options["chat"], options["system"])
     settings = check_request(settings_from(options, method), num_samples)
@@ -189,12 +189,12 @@ def generate(
         if not quiet:
             click.echo(summary_line(result), err=True)
 
-    with Session(resolve_model(model), runtime) as session:
-        tokens = prompt_tokens(session.engine, text, prompt_settings)
+    with load(model, options=runtime) as loaded:
+        tokens = loaded.tokens(text, prompt_settings.chat, prompt_settings.system, prompt_settings.template)
         if dry_run:
-            click.echo(session.plan(tokens, settings, num_samples).describe())
+            click.echo(loaded.session.plan(tokens, settings, num_samples).describe())
             return
-        session.generate(tokens, settings, num_samples, progress=progress, on_sample=emit)
+        loaded.generate(tokens, n=num_samples, settings=settings, progress=progress, on_sample=emit)
 
 
 class DefaultCommandGroup(click.Group):
@@ -218,6 +218,8 @@ def eval_group() -> None:
               help="Comma-separated methods to compare.")
 @click.option("-n", "--num-samples", type=int, default=1, show_default=True, help="Samples per problem and method.")
 @click.option("--limit", type=int, default=None, help="Only the first L problems.")
+@click.option("--parallel", type=int, default=1, show_default=True,
+              help="Problems sampled at once; their chains share batched decodes (up to --chains-per-batch).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Results directory [default: ps-local-eval/TASK]; rerunning with it resumes.")
 @click.option("--shard", default=None, help="I/N: this machine's share of the problems.")
@@ -230,7 +232,7 @@ def eval_group() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 @click.pass_context
 def eval_run(context: click.Context, model: str, task: str, methods: str, num_samples: int, limit: int | None,
-             out: Path | None, shard: str | None, data: Path | None, grader: str, chat: bool, system: str | None,
+             parallel: int, out: Path | None, shard: str | None, data: Path | None, grader: str, chat: bool, system: str | None,
              quiet: bool, **options: Any) -> None:
     """Sample every problem with each method, grade, and summarize (resumable)."""
     from .evaluate import EvalPlan, parse_shard, run_eval, summarize, summary_table, write_summary
@@ -244,11 +246,13 @@ def eval_run(context: click.Context, model: str, task: str, methods: str, num_sa
         raise UserError(f"--methods takes a comma-separated list of {', '.join(METHODS)}, got {methods!r}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be a positive integer, got {limit}")
+    if parallel < 1:
+        raise UserError(f"--parallel must be a positive integer, got {parallel}")
     base = check_request(settings_from(options), num_samples)
     check_explicit_options(context, chosen)
     loaded = load_task(task, data, grader)
     plan = EvalPlan(chosen, num_samples, out or Path("ps-local-eval") / loaded.name, limit,
-                    parse_shard(shard) if shard else None, chat, system)
+                    parse_shard(shard) if shard else None, chat, system, parallel=parallel)
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     with Session(resolve_model(model), runtime_from(options)) as session:
         records = run_eval(session, loaded, plan, base, log)
@@ -324,6 +328,38 @@ def info(model: str, as_json: bool) -> None:
         if isinstance(value, dict):
             value = f"{value['id']} {value['text']!r}"
         click.echo(f"{key.replace('_', ' ')}: {'none' if value is None else value}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", envvar="PS_LOCAL_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' [env PS_LOCAL_API_KEY].")
+@click.option("--model-id", default=None, help="The name clients use for the model [default: MODEL as given].")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Unfinished requests beyond which new ones get 429.")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: all cores].")
+@click.option("--ctx", type=int, default=None, help="Tokens per request, prompt included [default: 4096 or the model's].")
+@click.option("--gpu-layers", type=int, default=-1, show_default=True, help="Layers to offload; -1: all.")
+@click.option("--chains-per-batch", type=int, default=8, show_default=True,
+              help="Chains of all requests decoded together; with --ctx it sizes the KV cache.")
+@click.option("--round-width", type=int, default=None, help="Proposals per chain decoded together [default: 8 / chains].")
+@click.option("--cache-type", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True)
+def serve(model: str, host: str, port: int, api_key: str | None, model_id: str | None, max_queue: int,
+          **runtime: Any) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
+
+    ps-local's settings (method, alpha, block_size, mcmc_steps, proposal_temp) travel as extra
+    body fields. Needs the server extra: pip install 'ps-local[server]'.
+    """
+    from .server.run import ServeOptions, serve as run_server
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be from 0 to 65535, got {port}")
+    if max_queue < 1:
+        raise UserError(f"--max-queue must be a positive integer, got {max_queue}")
+    run_server(model, runtime, ServeOptions(host, port, api_key, max_queue, model_id))
 
 
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:

@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import UserError
+from .grading.sandbox import process_limit
 from .prompts import PromptSettings, prompt_tokens
+from .scheduler import Job
 from .run_config import claim_folder, differences, fingerprint, read_config, run_config
 from .session import Session
 from .settings import Sample, SamplingSettings
 from .tasks import Problem, Task
 
 RESULTS_GLOB = "results*.jsonl"
+SANDBOXED_GRADERS = ("math", "code")  # the ones that run a program
 GRADING_WORKERS = 2  # checks mostly wait on their sandboxed process
 
 
@@ -37,6 +40,8 @@ class EvalPlan:
     shard: tuple[int, int] | None = None  # (I, N), 1 <= I <= N
     chat: bool = False
     system: str | None = None
+    grading_workers: int = GRADING_WORKERS  # 0: grade on the sampling thread (for comparison)
+    parallel: int = 1  # (problem, method) requests sampled at once, their chains in shared decodes
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -103,18 +108,27 @@ def run_eval(
                         {"template": task.template, "chat": plan.chat, "system": plan.system},
                         replace(base, seed=seed, stop=stops))
     claim_folder(plan.out, config)  # refuses a folder that holds another configuration's results
+    if task.grader in SANDBOXED_GRADERS and process_limit() is None:
+        log("warning: running as root without a writable pids cgroup, so nothing bounds how many "
+            "processes a graded program starts; run as a normal user or in a container with a pids limit")
     stamp = {"config": fingerprint(config), "run_seed": seed}
     done = {(r["id"], r["method"], r["sample"]) for r in read_results([plan.out])}
     problems = select_problems(task, plan)
+    prompts = {problem.id: prompt_tokens(session.engine, problem.prompt, prompt_settings) for problem in problems}
+    # Room for `parallel` requests at once (the cache grows only while nothing runs).
+    concurrent = max(1, min(plan.parallel * plan.num_samples, session.options.chains_per_batch))
+    if problems and plan.parallel > 1:
+        session.make_room(plan.parallel * max(map(len, prompts.values())), base, concurrent)
+    in_flight: list[Job] = []
     path = results_file(plan)
     with path.open("a", encoding="utf-8") as out:
         if out.tell() and not _ends_with_newline(path):
             out.write("\n")  # close a line an interruption cut short, so new lines stay whole
         # Grading runs beside the sampling, not on its path (see GradingPool).
-        graders = GradingPool(task, out, log)
+        graders = GradingPool(task, out, log, plan.grading_workers)
         try:
             for number, problem in enumerate(problems, start=1):
-                tokens = prompt_tokens(session.engine, problem.prompt, prompt_settings)
+                tokens = prompts[problem.id]
                 for method in plan.methods:
                     missing = [k for k in range(plan.num_samples) if (problem.id, method, k) not in done]
                     if not missing:
@@ -150,13 +164,33 @@ def run_eval(
                             **stamp,
                         })
 
-                    session.generate(tokens, settings, plan.num_samples, on_sample=record, chain_indices=missing)
-                    graders.raise_failure()
+                    in_flight.append(session.submit(tokens, settings, plan.num_samples, on_sample=record,
+                                                    chain_indices=missing, concurrent_chains=concurrent))
+                    while len(in_flight) >= plan.parallel:
+                        in_flight = _wait_for_one(session, in_flight)
+                        graders.raise_failure()
+            while in_flight:
+                in_flight = _wait_for_one(session, in_flight)
+            graders.raise_failure()
         except BaseException:
+            for job in in_flight:
+                job.cancel()
             graders.cancel()
             raise
         graders.finish()
     return read_results([plan.out])
+
+
+def _wait_for_one(session: Session, in_flight: list[Job]) -> list[Job]:
+    """Step until the oldest request has finished (raising its error); the ones still running."""
+    session.run(in_flight[:1])
+    running = []
+    for job in in_flight:
+        if job.done.is_set():
+            job.result()  # raises what ended it early
+        else:
+            running.append(job)
+    return running
 
 
 class GradingPool:
@@ -172,7 +206,7 @@ class GradingPool:
         self.task = task
         self.out = out
         self.log = log
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ps-local-grade")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ps-local-grade") if workers else None
         self._lock = threading.Lock()
         self._futures: list[Future[None]] = []
         self._tally: dict[str, list[int]] = {}  # label -> [still to grade, correct, samples]
@@ -181,7 +215,10 @@ class GradingPool:
         self._tally[label] = [count, 0, count]
 
     def submit(self, label: str, problem: Problem, sample: Sample, line: dict[str, Any]) -> None:
-        self._futures.append(self._pool.submit(self._grade, label, problem, sample, line))
+        if self._pool is None:
+            self._grade(label, problem, sample, line)
+        else:
+            self._futures.append(self._pool.submit(self._grade, label, problem, sample, line))
 
     def _grade(self, label: str, problem: Problem, sample: Sample, line: dict[str, Any]) -> None:
         grade = self.task.grade(problem, sample.text)
@@ -209,12 +246,14 @@ class GradingPool:
 
     def finish(self) -> None:
         """Wait for every grade."""
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.raise_failure()
 
     def cancel(self) -> None:
         """Drop the grades not started; the checks in flight end, and clean up, first."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write(out: Any, line: dict[str, Any]) -> None:

@@ -48,6 +48,13 @@ def template_stops(template: str | None) -> tuple[str, ...]:
 
 
 def render_chat(model: ChatModel, user: str, system: str | None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return render_messages(model, messages)
+
+
+def render_messages(model: ChatModel, messages: list[dict[str, str]]) -> str:
+    """A conversation through the GGUF's own chat template (sandboxed Jinja), ready for the
+    assistant's turn."""
     template = model.chat_template()
     if template is None:
         raise UserError("--chat needs a chat template, and this model has none (a base model? drop --chat)")
@@ -58,7 +65,6 @@ def render_chat(model: ChatModel, user: str, system: str | None) -> str:
         raise UserError(f"the model's chat template refused the conversation: {message}")
 
     special = model.special_tokens()
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     try:
         return environment.from_string(template).render(
@@ -79,7 +85,11 @@ def prompt_tokens(model: ChatModel, text: str, settings: PromptSettings) -> list
     text = apply_template(text, settings.template)
     if not settings.chat:
         return model.tokenize(text)
-    rendered = render_chat(model, text, settings.system)
+    return chat_tokens(model, render_chat(model, text, settings.system))
+
+
+def chat_tokens(model: ChatModel, rendered: str) -> list[int]:
+    """Tokens of a rendered conversation: its special tokens parsed as such."""
     special = model.special_tokens()
     # Templates often spell out BOS themselves; do not add a second one.
     bos_text = model.token_text(special["bos"]) if special["bos"] >= 0 else ""

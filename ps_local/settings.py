@@ -61,7 +61,9 @@ class SamplingSettings:
     def temperature(self) -> float:
         """Temperature of the token-level proposal (0 means greedy)."""
         if self.method == "standard":
-            return 1.0
+            # Plain sampling draws from its proposal: proposal_temp, when set, is its temperature
+            # (what an OpenAI client's ``temperature`` sets).
+            return 1.0 if self.proposal_temp is None else self.proposal_temp
         if self.method == "greedy":
             return 0.0
         if self.method == "low-temp":

@@ -225,7 +225,7 @@ def test_more_bad_options(tiny_gguf, option, fragment):
         ("greedy", ["--alpha", "2"]),
         ("low-temp", ["--block-size", "8"]),
         ("low-temp", ["--mcmc-steps", "3"]),
-        ("standard", ["--proposal-temp", "1"]),
+        ("low-temp", ["--proposal-temp", "1"]),
         ("greedy", ["--round-width", "2"]),
     ],
 )
@@ -354,3 +354,14 @@ def test_an_invalid_utf8_prompt_argument_is_one_line(tiny_gguf):
     result = subprocess.run([sys.executable.encode(), b"-m", b"ps_local.cli", b"generate", str(tiny_gguf).encode(),
                              b"yes \xff no"], capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert_one_line_error(result, "not valid UTF-8")
+
+
+def test_proposal_temp_is_the_temperature_of_standard_sampling(tiny_gguf):
+    """--method standard --proposal-temp T samples at temperature T: near 0 it is greedy."""
+    cold = [ps_local("generate", str(tiny_gguf), "yes", "--method", "standard", "--proposal-temp", "0.01",
+                     "--max-tokens", "8", "--seed", str(seed), "-q").stdout for seed in range(3)]
+    greedy = ps_local("generate", str(tiny_gguf), "yes", "--method", "greedy", "--max-tokens", "8", "-q").stdout
+    assert cold == [greedy] * 3
+    warm = {ps_local("generate", str(tiny_gguf), "yes", "--method", "standard", "--max-tokens", "8",
+                     "--seed", str(seed), "-q").stdout for seed in range(6)}
+    assert len(warm) > 1  # the negative control: at temperature 1 the seeds differ

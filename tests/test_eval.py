@@ -183,6 +183,20 @@ def sorted_records(records: list[dict]) -> list[dict]:
     return sorted(records, key=lambda r: (r["id"], r["method"], r["sample"]))
 
 
+def test_parallel_problems_give_the_same_results(tiny_gguf, words_task, tmp_path):
+    """--parallel 3: three problems' chains share decodes; every sample is there, and each is the
+    sample the one-at-a-time run draws (seeds are per problem and chain)."""
+    runs = {}
+    for parallel in ("1", "3"):
+        out = tmp_path / f"p{parallel}"
+        done = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power,standard", "--parallel", parallel,
+                        "--out", str(out), *FAST)
+        assert done.returncode == 0, done.stderr
+        runs[parallel] = sorted_records(lines(out))
+    assert len(runs["3"]) == 5 * 2 * 2
+    assert [essentials(r) for r in runs["3"]] == [essentials(r) for r in runs["1"]]
+
+
 def test_shards_and_merge_equal_one_run(tiny_gguf, words_task, tmp_path):
     whole = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power", "--out", str(tmp_path / "all"),
                      *FAST)
@@ -336,3 +350,83 @@ def test_math_grading_without_its_verifier_is_refused_at_start(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
     with pytest.raises(UserError, match="math-verify"):
         load_task("math500", MATH500)
+
+
+def _needs_a_process_limit():
+    from ps_local.grading.sandbox import process_limit
+
+    if process_limit() is None:
+        pytest.skip("running as root without a writable pids cgroup: nothing here bounds the process count")
+
+
+CHILDREN = """
+import os, time
+made = 0
+for _ in range(40):
+    try:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        made += 1
+    except OSError:
+        pass
+print(made)
+"""
+
+
+def test_the_process_limit_binds():
+    """The program may start its allowance of processes and no more; a larger allowance lets it
+    start more (the limit, not something else, is what stops it)."""
+    from ps_local.grading.sandbox import Limits, run_python
+
+    _needs_a_process_limit()
+    made = {n: int(run_python(CHILDREN, Limits(wall_s=20, processes=n)).stdout) for n in (8, 32)}
+    assert 1 <= made[8] <= 8
+    assert made[32] > 8
+
+
+def test_a_fork_bomb_is_contained():
+    """Every process forks forever: the count stays at the limit while it runs, and nothing
+    (processes, folder, cgroup) is left when the check ends."""
+    import threading
+
+    from ps_local.grading.sandbox import Limits, run_python
+
+    _needs_a_process_limit()
+    marker = "ps_local_fork_bomb_marker"
+    bomb = f"# {marker}\nimport os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    most, running = [0], threading.Event()
+    running.set()
+
+    def watch() -> None:
+        while running.is_set():
+            most[0] = max(most[0], len([c for c in sandbox_processes("ps-local-exec-") if "program.py" in c]))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    before = exec_folders()
+    watcher.start()
+    try:
+        result = run_python(bomb, Limits(wall_s=3, processes=16))
+    finally:
+        running.clear()
+        watcher.join()
+    assert result.timed_out
+    assert 2 <= most[0] <= 16 + 1 + 4  # the program, its 16, and slack for RLIMIT_NPROC's other tasks
+    time.sleep(0.2)
+    assert [c for c in sandbox_processes("ps-local-exec-") if "program.py" in c] == []
+    assert exec_folders() - before == set()
+
+
+def test_a_process_that_leaves_the_group_is_killed_where_there_is_a_cgroup():
+    from ps_local.grading import pids_cgroup
+    from ps_local.grading.sandbox import run_python
+
+    if not pids_cgroup.available():
+        pytest.skip("no writable pids cgroup: a setsid escapee is bound only by its CPU limit (documented)")
+    marker = "ps_local_setsid_marker"
+    program = (f"import os, subprocess, sys\nsubprocess.Popen([sys.executable, '-c', "
+               f"'import time\\n# {marker}\\ntime.sleep(300)'], start_new_session=True)\nprint('left')\n")
+    assert run_python(program).stdout == b"left\n"
+    time.sleep(0.3)
+    assert sandbox_processes(marker) == []

@@ -143,11 +143,6 @@ def test_info_of_the_default_model(tmp_path):
 # -- prompts -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def chat_gguf(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("chat") / "chat.gguf", "--chat-template")
-
-
 def test_chat_template_is_applied(chat_gguf):
     result = run("generate", str(chat_gguf), "yes no", "--chat", "--system", "maybe", "--json",
                  "--max-tokens", "4", "--method", "greedy")
