@@ -1,0 +1,2 @@
+"""``ps-local serve``: an OpenAI-compatible HTTP server (the ``server`` extra: FastAPI, uvicorn,
+sse-starlette)."""

@@ -1,0 +1,75 @@
+"""Start the server: load the model, size its KV cache once, run uvicorn until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import UserError
+from ..memory import plan_cache
+from ..session import MAX_SEQUENCES
+
+SERVER_CTX = 4096  # per request (prompt + completion) unless --ctx says otherwise, as llama-server
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    max_queue: int = 64
+    model_id: str | None = None
+
+
+def check_extra() -> None:
+    missing = []
+    for module in ("fastapi", "uvicorn", "sse_starlette"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise UserError(f"ps-local serve needs {', '.join(missing)}: pip install 'ps-local[server]'")
+
+
+def load_for_serving(model: str, runtime: dict[str, Any]) -> Any:
+    """The model, with a KV cache sized once for ``chains_per_batch`` chains of a full context."""
+    from ..api import load
+
+    loaded = load(model, **runtime)
+    session = loaded.session
+    if session.options.ctx is None:
+        session.options = replace(session.options, ctx=min(SERVER_CTX, session.engine.n_ctx_train))
+    chains, ctx = session.options.chains_per_batch, session.options.ctx
+    width = session.options.round_width or max(1, session.options.batch_width // chains)
+    width = min(width, (MAX_SEQUENCES - chains) // chains - 1)
+    if width < 1:
+        raise UserError(f"--chains-per-batch {chains} leaves no room for proposals in {MAX_SEQUENCES} sequences")
+    session.options = replace(session.options, round_width=width)
+    # A request's prompt and completion fit --ctx, so a chain's sequence and each of its
+    # proposals hold at most ctx cells; each request's prompt takes a sequence of its own.
+    plan = plan_cache(session.kv_shape, 0, ctx, chains, width, session.options.cache_type)
+    plan = replace(plan, slots=min(MAX_SEQUENCES, chains + plan.slots))
+    session.reserve(plan.cells, plan.slots)
+    return loaded, plan
+
+
+def serve(model: str, runtime: dict[str, Any], options: ServeOptions) -> None:
+    check_extra()
+    import uvicorn
+
+    from .app import create_app
+
+    loaded, plan = load_for_serving(model, runtime)
+    model_id = options.model_id or model
+    app = create_app(loaded, model_id, api_key=options.api_key, max_queue=options.max_queue)
+    print(f"ps-local: serving {model_id!r} on http://{options.host}:{options.port}/v1 "
+          f"({loaded.session.options.chains_per_batch} chains at once, --ctx {loaded.session.options.ctx} per "
+          f"request; {plan.describe()}); Ctrl-C stops", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
+                            timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        loaded.close()
