@@ -182,8 +182,8 @@ def run_eval(
 
 
 def _wait_for_one(session: Session, in_flight: list[Job]) -> list[Job]:
-    """Step until the oldest request has finished (raising its error); the ones still running."""
-    session.run(in_flight[:1])
+    """Step until one of the requests has finished (raising its error); those still running."""
+    session.run(in_flight, until_any=True)
     running = []
     for job in in_flight:
         if job.done.is_set():

@@ -21,7 +21,7 @@ Pure logic over the engine protocol. One thread steps the scheduler; ``submit`` 
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -34,6 +34,7 @@ from .settings import Sample, SamplingSettings
 from .stops import StopMatcher
 
 SampleCallback = Callable[[int, Sample], None]
+PROMPT_CACHE = 4  # prompts kept in their slots after their chains start, for later requests to share
 
 
 def random_seed() -> int:
@@ -111,6 +112,7 @@ class _Admission:
     seeds: list[int]
     stops: StopMatcher
     prompt_slot: int | None = None
+    prompt_shared: int = 0  # leading prompt tokens copied from a cached prompt, not decoded
     prompt_reserved: bool = False  # its prompt's cells count against the budget until it ends
     prompt_logits: np.ndarray | None = None
     started: int = 0
@@ -130,6 +132,10 @@ class Scheduler:
         self._admitted: deque[_Admission] = deque()  # jobs with chains still to start
         self._jobs: dict[int, _Admission] = {}  # every unfinished job taken in, by id
         self._running: list[_Running] = []
+        # Recent prompts still in their slots (LRU order): a request that shares a prefix with
+        # one (the same question again, a common system prompt) copies those cells instead of
+        # decoding them. Their cells stay reserved; they are dropped first when room is needed.
+        self._prompt_cache: OrderedDict[int, list[int]] = OrderedDict()
 
     # -- any thread ------------------------------------------------------------------------
 
@@ -192,7 +198,8 @@ class Scheduler:
                 self._admitted.append(admission)
         self._drop_cancelled()
         prefills = self._admit()
-        requests: list[DecodeRequest] = [(a.prompt_slot, a.job.prompt) for a in prefills]  # type: ignore[misc]
+        requests: list[DecodeRequest] = [(a.prompt_slot, a.job.prompt[a.prompt_shared :])  # type: ignore[misc]
+                                         for a in prefills]
         for running in self._running:
             requests.extend(running.wanted)
         if not requests and not self._running:
@@ -224,6 +231,7 @@ class Scheduler:
         self._running.clear()
         self._admitted.clear()
         self._jobs.clear()
+        self._prompt_cache.clear()
         self.engine.reset()
         self._free_slots = list(range(self.slots - 1, -1, -1))
         self._free_cells = self.cells
@@ -245,14 +253,20 @@ class Scheduler:
         earlier_waiting = False
         for admission in list(self._admitted):
             job = admission.job
-            if admission.prompt_slot is None:
+            if admission.prompt_slot is None and self._prefix_arrives_next(job.prompt, prefills):
+                pass  # a prompt decoded in this step shares more with it: copy from that next step
+            elif admission.prompt_slot is None:
                 # Its prompt, and room for its first chain beyond what earlier jobs wait for.
-                if (len(self._free_slots) - committed_slots < 1 + job.slots_per_chain
-                        or not self._has_cells(committed_cells + job.prompt_cells + job.chain_cells)):
+                if not self._make_room(committed_slots + 1 + job.slots_per_chain,
+                                       committed_cells + job.prompt_cells + job.chain_cells):
                     break
                 admission.prompt_slot = self._take_slots(1)[0]
                 self._reserve(job.prompt_cells)
                 admission.prompt_reserved = True
+                shared, source = self._longest_cached_prefix(job.prompt)
+                if shared:
+                    self.engine.copy_prefix(source, admission.prompt_slot, shared)
+                admission.prompt_shared = shared
                 prefills.append(admission)
             elif admission.prompt_logits is not None and not earlier_waiting:
                 while admission.started < len(job.chain_indices) and self._room_for_chain(job):
@@ -263,7 +277,7 @@ class Scheduler:
                     continue
                 if admission.started == len(job.chain_indices):
                     self._admitted.remove(admission)
-                    self._release_slots([admission.prompt_slot])  # the chains hold the prompt's cells
+                    self._keep_prompt(admission)  # the chains hold the prompt's cells too
                     admission.prompt_slot = None
                     if admission.running == 0:
                         self._finish_job(admission)
@@ -275,8 +289,57 @@ class Scheduler:
         return prefills
 
     def _room_for_chain(self, job: Job) -> bool:
-        return (len(self._running) < self.max_chains and len(self._free_slots) >= job.slots_per_chain
-                and self._has_cells(job.chain_cells))
+        return len(self._running) < self.max_chains and self._make_room(job.slots_per_chain, job.chain_cells)
+
+    def _make_room(self, slots: int, cells: int) -> bool:
+        """Whether ``slots`` slots and ``cells`` cells are free, dropping cached prompts
+        (oldest first) to make them so."""
+        while (len(self._free_slots) < slots or not self._has_cells(cells)) and self._prompt_cache:
+            self._drop_cached_prompt()
+        return len(self._free_slots) >= slots and self._has_cells(cells)
+
+    def _prefix_arrives_next(self, prompt: list[int], prefills: list[_Admission]) -> bool:
+        """Whether a prompt being decoded in this step shares a longer prefix with ``prompt``
+        than any slot holds now (several requests with one prompt: decode it once)."""
+        coming = max((_shared_prefix(prompt, a.job.prompt) for a in prefills), default=0)
+        return coming > self._longest_cached_prefix(prompt, touch=False)[0]
+
+    def _longest_cached_prefix(self, prompt: list[int], touch: bool = True) -> tuple[int, int]:
+        """(tokens, slot): the longest prefix of ``prompt`` that a slot already holds, among
+        cached prompts and decoded prompts of jobs still starting chains. At least the last
+        prompt token is always decoded, since its logits start the chains."""
+        sources = list(self._prompt_cache.items()) + [
+            (a.prompt_slot, a.job.prompt) for a in self._admitted
+            if a.prompt_slot is not None and a.prompt_logits is not None]
+        best, best_slot = 0, -1
+        for slot, tokens in sources:
+            shared = min(_shared_prefix(prompt, tokens), len(prompt) - 1)
+            if shared > best:
+                best, best_slot = shared, slot  # type: ignore[assignment]
+        if touch and best_slot in self._prompt_cache:
+            self._prompt_cache.move_to_end(best_slot)
+        return best, best_slot
+
+    def _keep_prompt(self, admission: _Admission) -> None:
+        """Move a job's prompt slot into the prompt cache (its cell reservation with it)."""
+        slot, prompt = admission.prompt_slot, admission.job.prompt
+        if PROMPT_CACHE == 0 or any(tokens == prompt for tokens in self._prompt_cache.values()):
+            self._release_slots([slot])  # type: ignore[list-item]
+            return
+        self._prompt_cache[slot] = list(prompt)  # type: ignore[index]
+        admission.prompt_reserved = False
+        while len(self._prompt_cache) > PROMPT_CACHE:
+            self._drop_cached_prompt()
+
+    def _drop_cached_prompt(self) -> None:
+        slot, tokens = self._prompt_cache.popitem(last=False)
+        self._release_slots([slot])
+        self._unreserve(len(tokens))
+
+    def drop_prompt_cache(self) -> None:
+        """Empty the prompt cache (everything then is free while no job runs)."""
+        while self._prompt_cache:
+            self._drop_cached_prompt()
 
     def _start_chain(self, admission: _Admission) -> None:
         job = admission.job
@@ -383,6 +446,15 @@ class Scheduler:
     def _unreserve(self, count: int) -> None:
         if self._free_cells is not None:
             self._free_cells += count
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    shared = 0
+    for mine, theirs in zip(a, b):
+        if mine != theirs:
+            break
+        shared += 1
+    return shared
 
 
 def sample(

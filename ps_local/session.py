@@ -176,14 +176,17 @@ class Session:
         with self._step_lock:
             return self._scheduler.step() if self._scheduler is not None else False
 
-    def run(self, jobs: list[Job]) -> None:
-        """Step the scheduler until ``jobs`` have finished. Several threads may call this at
-        once: whoever holds the step lock advances everyone's chains."""
-        while not all(job.done.is_set() for job in jobs):
+    def run(self, jobs: list[Job], until_any: bool = False) -> None:
+        """Step the scheduler until ``jobs`` have finished (with ``until_any``: until one has).
+        Several threads may call this at once: whoever holds the step lock advances everyone's
+        chains."""
+        settled = any if until_any else all
+        while jobs and not settled(job.done.is_set() for job in jobs):
             if not self._step_lock.acquire(timeout=0.05):
                 continue
             try:
-                self.scheduler.run_until_done(jobs, steps=1)
+                if not settled(job.done.is_set() for job in jobs):
+                    self.scheduler.run_until_done(jobs, steps=1)
             finally:
                 self._step_lock.release()
 

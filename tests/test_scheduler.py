@@ -70,7 +70,8 @@ def test_mixed_batches_give_each_job_its_own_samples(max_chains, slots, cells):
     assert most_chains <= max_chains
     for job, work in zip(submitted, WORK):
         assert all(same(a, b) for a, b in zip(job.result(), alone(*work)))
-    # Everything is given back: slots emptied, cells unreserved.
+    # Everything is given back once the cached prompts go: slots emptied, cells unreserved.
+    scheduler.drop_prompt_cache()
     assert sorted(scheduler._free_slots) == list(range(slots)) and scheduler._free_cells == cells
     assert all(engine.length(slot) == 0 for slot in range(slots))
     assert most_jobs >= 2  # chains of different jobs shared decodes
@@ -106,6 +107,7 @@ def test_a_cancelled_job_frees_its_slots_and_the_rest_go_on():
     with pytest.raises(JobCancelled):
         first.result()
     assert all(same(a, b) for a, b in zip(second.result(), alone(*WORK[1])))
+    scheduler.drop_prompt_cache()
     assert sorted(scheduler._free_slots) == list(range(40))
 
 
@@ -206,3 +208,52 @@ def test_a_chain_that_needs_no_decode_still_returns_to_the_scheduler(monkeypatch
     monkeypatch.setattr("ps_local.sampler.PAUSE_EVERY", 10**9)
     (unpaused,) = sample(toy(), [1], quick)
     assert same(paused, unpaused) and paused.logprobs == unpaused.logprobs
+
+
+def test_requests_that_share_a_prompt_prefix_decode_it_once():
+    """The same prompt again, and a prompt that extends it (a shared system prompt), copy the
+    cached cells: only what differs is decoded, and the samples are the ones drawn alone."""
+    engine = RecordingEngine()
+    decoded_prompts = []
+    plain = engine.decode
+
+    def decode(requests):
+        decoded_prompts.extend(len(tokens) for slot, tokens in requests if slot in prompt_slots())
+        return plain(requests)
+
+    scheduler = Scheduler(engine, slots=64, max_chains=8, cells=400)
+    prompt_slots = lambda: {a.prompt_slot for a in scheduler._admitted}  # noqa: E731
+    engine.decode = decode
+    base = [1, 2, 3, 4, 5, 6]
+    first = scheduler.submit(Job(base, POWER, [0, 1], 1))
+    scheduler.run_until_done([first])
+    again = scheduler.submit(Job(list(base), replace(POWER, seed=21), [0], 1))
+    longer = scheduler.submit(Job(base + [7, 8], replace(POWER, seed=22), [0], 1))
+    scheduler.run_until_done([again, longer])
+    assert decoded_prompts == [6, 1, 2]  # in full once; then only the last token, and the new two
+    assert all(same(a, b) for a, b in zip(again.result(), alone(base, replace(POWER, seed=21), 1, 1)))
+    assert all(same(a, b) for a, b in zip(longer.result(), alone(base + [7, 8], replace(POWER, seed=22), 1, 1)))
+
+
+def test_cached_prompts_give_way_to_new_work():
+    """A cell budget that fits one job: cached prompts are dropped to admit the next, nothing
+    waits forever, and the budget holds at every step."""
+    settings = replace(POWER, max_tokens=6)
+    scheduler = Scheduler(toy(), slots=64, max_chains=8, cells=40)
+    jobs = [scheduler.submit(Job([1 + k, 2, 3], replace(settings, seed=k), [0], 1)) for k in range(6)]
+    while scheduler.pending():
+        scheduler.step()
+        assert scheduler._free_cells >= 0 and len(scheduler._prompt_cache) <= 4
+    for k, job in enumerate(jobs):
+        assert all(same(a, b) for a, b in zip(job.result(), alone([1 + k, 2, 3], replace(settings, seed=k), 1, 1)))
+
+
+def test_requests_arriving_together_with_one_prompt_decode_it_once():
+    engine = RecordingEngine()
+    scheduler = Scheduler(engine, slots=64, max_chains=8)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    jobs = [scheduler.submit(Job(list(prompt), replace(POWER, seed=30 + k), [0], 1)) for k in range(3)]
+    scheduler.run_until_done(jobs)
+    assert engine.tokens_decoded - sum(j.result()[0].stats.tokens_decoded for j in jobs) == len(prompt) + 2
+    for k, job in enumerate(jobs):
+        assert same(job.result()[0], alone(prompt, replace(POWER, seed=30 + k), 1, 1)[0])
