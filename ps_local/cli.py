@@ -15,7 +15,7 @@ from . import __version__
 from .errors import PsLocalError, UserError
 from .memory import CACHE_TYPES
 from .output import ProgressLine, sample_json, summary_line
-from .prompts import TEMPLATES, PromptSettings, prompt_tokens, template_stops
+from .prompts import TEMPLATES, PromptSettings, template_stops
 from .settings import METHODS, SamplingSettings, check_request
 
 if TYPE_CHECKING:
@@ -34,6 +34,12 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--proposal-temp", type=float, default=None,
                      help="Proposal temperature [default: 1/alpha; 1 for alpha=inf]; with --method "
                           "standard, its sampling temperature [default: 1]."),
+        click.option("--particles", type=int, default=16, show_default=True,
+                     help="Particles of --method smc (one KV sequence each)."),
+        click.option("--ess-threshold", type=float, default=0.5, show_default=True,
+                     help="smc: resample when the effective sample size falls below this share of the particles."),
+        click.option("--resample-every", type=int, default=1, show_default=True,
+                     help="smc: check the effective sample size every this many tokens."),
         click.option("--seed", type=int, default=None, help="Random seed [default: random, reported]."),
         click.option("--stop", multiple=True, help="Stop string; ends a sequence inside the sampler (repeatable)."),
         click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]."),
@@ -72,6 +78,9 @@ def settings_from(options: dict[str, Any], method: str = "power") -> SamplingSet
         proposal_temp=options["proposal_temp"],
         seed=options["seed"],
         stop=stops,
+        particles=options["particles"],
+        ess_threshold=options["ess_threshold"],
+        smc_check_every=options["resample_every"],
     )
 
 
@@ -91,10 +100,13 @@ def runtime_from(options: dict[str, Any]) -> "RuntimeOptions":
 # Options that only some methods read: given explicitly to a method that ignores them, they
 # would silently do nothing, so they are refused.
 METHOD_OPTIONS = {
-    "alpha": ("power", "low-temp"),
+    "alpha": ("power", "smc", "low-temp"),
+    "particles": ("smc",),
+    "ess_threshold": ("smc",),
+    "resample_every": ("smc",),
     "block_size": ("power",),
     "mcmc_steps": ("power",),
-    "proposal_temp": ("power", "standard"),
+    "proposal_temp": ("power", "smc", "standard"),
     "round_width": ("power",),
 }
 

@@ -38,6 +38,9 @@ def summary_line(sample: Sample) -> str:
     parts = [f"[sample {stats.chain}] {stats.method}"]
     if stats.method == "power":
         parts.append(f"alpha={stats.alpha:g} B={stats.block_size} N={stats.mcmc_steps}")
+    if stats.method == "smc":
+        parts.append(f"alpha={stats.alpha:g} particles={stats.particles}, ESS min {stats.ess_min:.1f}, "
+                     f"{stats.resamples} resamplings, {stats.distinct_ancestors} distinct ancestors")
     parts.append(f"{len(sample.tokens)} tokens ({stats.stop_reason})")
     parts.append(f"{stats.tokens_decoded} decoded, {stats.tokens_reevaluated} re-evaluated")
     if stats.acceptance_rate is not None:

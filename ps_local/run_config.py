@@ -57,6 +57,9 @@ def run_config(model: Path, task_name: str, problems: list[Any], prompt: dict[st
             "proposal_temp": settings.proposal_temp,
             "stop": list(settings.stop),
             "table_size": settings.table_size,
+            "particles": settings.particles,  # smc
+            "ess_threshold": settings.ess_threshold,
+            "smc_check_every": settings.smc_check_every,
         },
         "seed": settings.seed if settings.seed is not None else 0,
     }

@@ -473,4 +473,6 @@ def chain_seeds(seed: int, count: int) -> list[int]:
 
 def slots_per_chain(settings: SamplingSettings, max_round_width: int) -> int:
     """Engine slots one chain uses: its sequence, plus one per proposal in a round."""
+    if settings.method == "smc":
+        return settings.particles
     return 1 + max_round_width if settings.steps_per_block else 1

@@ -31,6 +31,7 @@ from .errors import UserError
 from .protocol import DecodeRequest, Engine
 from .sampler import Chain, ChainRun, ProgressCallback, TokenCallback, chain_seeds, slots_per_chain
 from .settings import Sample, SamplingSettings
+from .smc import SmcRun
 from .stops import StopMatcher
 
 SampleCallback = Callable[[int, Sample], None]
@@ -301,7 +302,7 @@ class Scheduler:
     def _prefix_arrives_next(self, prompt: list[int], prefills: list[_Admission]) -> bool:
         """Whether a prompt being decoded in this step shares a longer prefix with ``prompt``
         than any slot holds now (several requests with one prompt: decode it once)."""
-        coming = max((_shared_prefix(prompt, a.job.prompt) for a in prefills), default=0)
+        coming = min(max((_shared_prefix(prompt, a.job.prompt) for a in prefills), default=0), len(prompt) - 1)
         return coming > self._longest_cached_prefix(prompt, touch=False)[0]
 
     def _longest_cached_prefix(self, prompt: list[int], touch: bool = True) -> tuple[int, int]:
@@ -349,8 +350,9 @@ class Scheduler:
         self._reserve(job.chain_cells)
         for slot in slots:
             self.engine.copy_prefix(admission.prompt_slot, slot, len(job.prompt))  # type: ignore[arg-type]
-        chain = Chain(self.engine, job.settings, job.prompt, slots, job.settings.seed, admission.seeds[index],
-                      admission.stops, index, job.progress, max(1, job.round_width), job.on_token)
+        kind = SmcRun if job.settings.method == "smc" else Chain
+        chain = kind(self.engine, job.settings, job.prompt, slots, job.settings.seed, admission.seeds[index],
+                     admission.stops, index, job.progress, max(1, job.round_width), job.on_token)
         admission.running += 1
         running = _Running(job, index, slots, chain.run(admission.prompt_logits.copy()), [])  # type: ignore[union-attr]
         self._running.append(running)

@@ -101,6 +101,9 @@ class Session:
     def layout(self, settings: SamplingSettings, chains: int) -> BatchLayout:
         """Chains per batch and proposals per round, within llama.cpp's sequence limit."""
         chains = min(chains, self.options.chains_per_batch)
+        if settings.method == "smc":
+            # One slot per particle: plan_cache counts 1 + round_width slots per chain.
+            return BatchLayout(max(1, min(chains, (MAX_SEQUENCES - 1) // settings.particles)), settings.particles - 1)
         if not settings.steps_per_block:
             return BatchLayout(min(chains, MAX_SEQUENCES - 1), 0)
         width = self.options.round_width or max(1, self.options.batch_width // chains)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .errors import UserError
 from .proposal import TABLE_SIZE
 
-METHODS = ("power", "low-temp", "standard", "greedy")
+METHODS = ("power", "smc", "low-temp", "standard", "greedy")
 DEFAULT_MAX_TOKENS = 3072
 
 
@@ -28,6 +28,11 @@ class SamplingSettings:
     proposal_temp: float | None = None  # None: 1/alpha (1.0 when alpha is inf)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Power-SMC (method "smc"): particles, and resampling when ESS < ess_threshold * particles,
+    # checked every smc_check_every tokens.
+    particles: int = 16
+    ess_threshold: float = 0.5
+    smc_check_every: int = 1
     # Speed switches that leave the output distribution unchanged; the benchmark turns them
     # off to measure the plain sequential chain.
     early_rejection: bool = True
@@ -36,6 +41,8 @@ class SamplingSettings:
     # Only the exactness tests switch this off, to show that dropping log n - log n'
     # (as the reference code does) biases the chain.
     length_term: bool = True
+    # Only the SMC negative-control test switches this off: particles then go unweighted.
+    smc_weights: bool = True
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message for any setting that makes no sense."""
@@ -54,6 +61,14 @@ class SamplingSettings:
             raise ValueError(f"--seed must be an integer from 0 to 2^63 - 1, got {self.seed}")
         if self.table_size < 1:
             raise ValueError(f"table_size must be >= 1, got {self.table_size}")
+        if self.method == "smc" and math.isinf(self.alpha):
+            raise ValueError("--method smc needs a finite --alpha (max-swap is --method power --alpha inf)")
+        if self.particles < 1 or self.particles > 255:
+            raise ValueError(f"--particles must be from 1 to 255, got {self.particles}")
+        if not 0 <= self.ess_threshold <= 1:
+            raise ValueError(f"--ess-threshold must be from 0 to 1, got {self.ess_threshold}")
+        if self.smc_check_every < 1:
+            raise ValueError(f"--resample-every must be a positive integer, got {self.smc_check_every}")
         if any(s == "" for s in self.stop):
             raise ValueError("--stop strings must not be empty")
 
@@ -117,6 +132,12 @@ class SampleStats:
     discarded_tokens: int = 0  # tokens of batched proposals dropped after an earlier acceptance
     reused_tokens: int = 0  # proposal tokens drawn from stored distributions, not decoded
     widest_round: int = 0  # most proposals decoded together in one MH round
+    # Power-SMC diagnostics (None for the other methods)
+    particles: int | None = None
+    resamples: int | None = None
+    ess_min: float | None = None  # lowest effective sample size seen
+    distinct_ancestors: int | None = None  # first-generation particles with descendants at the end
+    log_normalizer: float | None = None  # estimate of log of the sum of p(x)^alpha over sequences x
     stop_reason: str = "length"  # length | eos | stop
     wall_s: float = 0.0
 

@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 PROMPT = "Q: Why is the sky blue? A:"
 

@@ -365,3 +365,18 @@ def test_proposal_temp_is_the_temperature_of_standard_sampling(tiny_gguf):
     warm = {ps_local("generate", str(tiny_gguf), "yes", "--method", "standard", "--max-tokens", "8",
                      "--seed", str(seed), "-q").stdout for seed in range(6)}
     assert len(warm) > 1  # the negative control: at temperature 1 the seeds differ
+
+
+def test_smc_from_the_cli_reports_its_diagnostics(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes no", "--method", "smc", "--particles", "6",
+                      "--max-tokens", "12", "--seed", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["method"] == "smc" and stats["particles"] == 6 and stats["mcmc_steps"] == 0
+    assert 1 <= stats["distinct_ancestors"] <= 6 and 1 <= stats["ess_min"] <= 6
+    again = ps_local("generate", str(tiny_gguf), "yes no", "--method", "smc", "--particles", "6",
+                     "--max-tokens", "12", "--seed", "4", "--json")
+    assert json.loads(again.stdout)["tokens"] == json.loads(result.stdout)["tokens"]
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--method", "smc", "--alpha", "inf"),
+                          "finite --alpha")
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--particles", "4"), "no effect")

@@ -430,3 +430,13 @@ def test_a_process_that_leaves_the_group_is_killed_where_there_is_a_cgroup():
     assert run_python(program).stdout == b"left\n"
     time.sleep(0.3)
     assert sandbox_processes(marker) == []
+
+
+def test_eval_compares_smc_beside_power_and_records_its_settings(tiny_gguf, words_task, tmp_path):
+    out = tmp_path / "smc"
+    done = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power,smc,low-temp", "--particles", "4",
+                    "--out", str(out), *FAST)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"power", "smc", "low-temp"} and summary["smc"]["problems"] == 5
+    assert json.loads((out / "run.json").read_text())["settings"]["particles"] == 4

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_tiny_model
 from ps_local import models
 from ps_local.default_model import DEFAULT_MODEL_SHA256
 from ps_local.engine import LlamaEngine

@@ -18,7 +18,8 @@ from ..settings import METHODS, SamplingSettings
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and llama-cpp-python's default for /v1/completions
 MAX_N = 64
-PS_LOCAL_FIELDS = {"method": str, "alpha": float, "block_size": int, "mcmc_steps": int, "proposal_temp": float}
+PS_LOCAL_FIELDS = {"method": str, "alpha": float, "block_size": int, "mcmc_steps": int, "proposal_temp": float,
+                   "particles": int, "ess_threshold": float}
 # Standard fields without an effect here, accepted at their neutral values.
 NEUTRAL = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": None, "echo": False,
            "best_of": 1, "logit_bias": None, "user": None, "suffix": None, "stream_options": None,
@@ -95,6 +96,8 @@ def parse(body: Any, chat: bool, model_id: str, default_method: str) -> Sampling
         proposal_temp=proposal_temp,
         seed=_typed(body, "seed", int, None),
         stop=_stops(body),
+        particles=_typed(body, "particles", int, defaults.particles),
+        ess_threshold=_typed(body, "ess_threshold", float, defaults.ess_threshold),
     )
     try:
         settings.validate()
