@@ -416,6 +416,11 @@ def test_a_fork_bomb_is_contained():
     time.sleep(0.2)
     assert [c for c in sandbox_processes("ps-local-exec-") if "program.py" in c] == []
     assert exec_folders() - before == set()
+    from ps_local.grading import pids_cgroup
+
+    parent = pids_cgroup._parent()
+    if parent is not None:  # its cgroup is gone too
+        assert [d for d in os.listdir(parent) if d.startswith(f"ps-local-{os.getpid()}-")] == []
 
 
 def test_a_process_that_leaves_the_group_is_killed_where_there_is_a_cgroup():
