@@ -18,14 +18,12 @@ from typing import Any, Callable, Sequence
 
 from .errors import UserError
 from .prompts import PromptSettings, prompt_tokens
-from .sampler import Progress
-from .scheduler import Job
+from .sampler import ProgressCallback
+from .scheduler import Job, SampleCallback
 from .session import RuntimeOptions, Session
 from .settings import Sample, SamplingSettings, check_request
 
 SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
-SampleCallback = Callable[[int, Sample], None]
-ProgressCallback = Callable[[Progress], None]
 
 
 def load(
@@ -63,10 +61,6 @@ class Model:
 
     def __init__(self, session: Session):
         self.session = session
-
-    @property
-    def path(self) -> str:
-        return str(self.session.engine.path)
 
     def settings(self, method: str = "power", **settings: Any) -> SamplingSettings:
         """``SamplingSettings`` from keyword arguments (``alpha``, ``max_tokens``, ``stop``, ...);
@@ -127,9 +121,10 @@ class Model:
     ) -> list[Sample]:
         """Draw ``n`` independent samples of one prompt.
 
-        ``method``: ``power`` (block-wise MH on p^alpha), ``low-temp`` (temperature 1/alpha),
-        ``standard`` or ``greedy``. Settings as keywords: ``alpha``, ``max_tokens``,
-        ``block_size``, ``mcmc_steps``, ``proposal_temp``, ``stop`` (a string or a list),
+        ``method``: ``power`` (block-wise MH on p^alpha), ``smc`` (Power-SMC), ``low-temp``
+        (temperature 1/alpha), ``standard`` or ``greedy``. Settings as keywords: ``alpha``,
+        ``max_tokens``, ``block_size``, ``mcmc_steps``, ``proposal_temp``, ``particles``,
+        ``ess_threshold``, ``stop`` (a string or a list),
         ``seed`` (or all of them as one ``settings=SamplingSettings(...)``). ``prompt`` is
         text or token ids. ``chat`` renders the prompt with the GGUF's chat template (``system``: its
         system message). ``progress`` is called as MH steps finish, ``on_sample(i, sample)``

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any, TextIO
 
 from .sampler import Progress
-from .settings import Sample
+from .settings import Sample, SampleStats
 
 
 def _json_safe(value: Any) -> Any:
@@ -19,13 +19,18 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def stats_record(stats: SampleStats) -> dict[str, Any]:
+    """A sample's statistics as JSON-ready values (inf alpha as a string)."""
+    return {key: _json_safe(value) for key, value in asdict(stats).items()}
+
+
 def sample_record(sample: Sample) -> dict[str, Any]:
     return {
         "text": sample.text,
         "tokens": sample.tokens,
         "logprobs": sample.logprobs,
         "prompt_token_ids": sample.prompt_token_ids,
-        "stats": {key: _json_safe(value) for key, value in asdict(sample.stats).items()},
+        "stats": stats_record(sample.stats),
     }
 
 

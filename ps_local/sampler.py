@@ -229,10 +229,7 @@ class Chain:
 
     def _record(self, trajectory: Trajectory, draw: TokenDraw, table: TokenTable | None) -> None:
         trajectory.append(draw, table)
-        if self.engine.is_end_of_generation(draw.token):
-            trajectory.end = "eos"
-        elif self.stops.completes_stop(trajectory.tokens):
-            trajectory.end = "stop"
+        trajectory.end = ending(self.engine, self.stops, trajectory.tokens)
         if self.on_token is not None and trajectory.end is None:
             # Not the token that ends it: a stop string it completes is cut from the final text.
             self.on_token(self.index, trajectory.tokens)
@@ -452,18 +449,27 @@ class Chain:
     def _finish(self, current: Trajectory) -> Sample:
         stats = self.stats
         stats.acceptance_rate = stats.accepted / stats.mh_steps if stats.mh_steps else None
-        stats.stop_reason = current.end or "length"
-        stats.wall_s = time.perf_counter() - self._start
-        text = b"".join(self.engine.token_bytes(t) for t in current.tokens if not self.engine.is_end_of_generation(t))
-        if current.end == "stop":
-            text = self.stops.cut(text)
-        return Sample(
-            text=text.decode("utf-8", errors="replace"),
-            tokens=list(current.tokens),
-            logprobs=list(current.logp),
-            stats=stats,
-            prompt_token_ids=list(self.prompt),
-        )
+        return finished_sample(self.engine, self.stops, self.prompt, current.tokens, current.logp, current.end,
+                               stats, self._start)
+
+
+def ending(engine: Engine, stops: StopMatcher, tokens: list[int]) -> str | None:
+    """How a sequence whose last token was just drawn ends: ``eos``, ``stop``, or None (it goes on)."""
+    if engine.is_end_of_generation(tokens[-1]):
+        return "eos"
+    return "stop" if stops.completes_stop(tokens) else None
+
+
+def finished_sample(engine: Engine, stops: StopMatcher, prompt: Sequence[int], tokens: list[int],
+                    logprobs: list[float], end: str | None, stats: SampleStats, started: float) -> Sample:
+    """The Sample of a finished sequence: its text without EOS and cut at its stop string."""
+    stats.stop_reason = end or "length"
+    stats.wall_s = time.perf_counter() - started
+    text = b"".join(engine.token_bytes(t) for t in tokens if not engine.is_end_of_generation(t))
+    if end == "stop":
+        text = stops.cut(text)
+    return Sample(text=text.decode("utf-8", errors="replace"), tokens=list(tokens), logprobs=list(logprobs),
+                  stats=stats, prompt_token_ids=list(prompt))
 
 
 def chain_seeds(seed: int, count: int) -> list[int]:

@@ -179,6 +179,12 @@ class Session:
         with self._step_lock:
             return self._scheduler.step() if self._scheduler is not None else False
 
+    def cancel_all(self, error: BaseException) -> None:
+        """End every request with ``error`` (a server shutting down)."""
+        with self._step_lock:
+            if self._scheduler is not None:
+                self._scheduler.fail_all(error)
+
     def run(self, jobs: list[Job], until_any: bool = False) -> None:
         """Step the scheduler until ``jobs`` have finished (with ``until_any``: until one has).
         Several threads may call this at once: whoever holds the step lock advances everyone's

@@ -27,8 +27,8 @@ import numpy as np
 
 from .proposal import TokenSampler
 from .protocol import DecodeRequest, Engine
-from .sampler import ChainRun, ProgressCallback, TokenCallback
-from .settings import Sample, SampleStats, SamplingSettings
+from .sampler import ChainRun, ProgressCallback, TokenCallback, ending, finished_sample
+from .settings import SampleStats, SamplingSettings
 from .stops import StopMatcher
 from .streams import Streams
 
@@ -56,6 +56,12 @@ def systematic_ancestors(weights: np.ndarray, u: float) -> np.ndarray:
     cumulative = np.cumsum(weights / weights.sum())
     cumulative[-1] = 1.0  # rounding must not push the last point past the end
     return np.searchsorted(cumulative, (u + np.arange(count)) / count, side="right")
+
+
+def log_mean_exp(log_w: np.ndarray) -> float:
+    """log of the mean weight: one generation's factor of the log-normalizer estimate."""
+    top = float(log_w.max())
+    return top + math.log(float(np.exp(log_w - top).mean()))
 
 
 def effective_sample_size(log_w: np.ndarray) -> float:
@@ -86,8 +92,7 @@ class SmcRun:
         self.slots = list(slots)
         self.stops = stop_matcher
         self.index = index
-        self.streams = Streams(chain_seed, 1)
-        self.choices = Streams(chain_seed, 1)
+        self.streams = Streams(chain_seed, 2)  # generator 0 for the draws, 1 for resampling choices
         self.token_sampler = TokenSampler(engine.n_vocab, settings.temperature, settings.alpha, settings.table_size)
         self.weighted = settings.smc_weights  # False only in the negative-control test
         self.stats = SampleStats(method="smc", alpha=settings.alpha, block_size=settings.token_budget, mcmc_steps=0,
@@ -111,10 +116,7 @@ class SmcRun:
                     particle.logp.append(draw.logp)
                     if self.weighted:
                         log_w[number] += draw.log_weight  # alpha log p - log q
-                    if self.engine.is_end_of_generation(draw.token):
-                        particle.end = "eos"
-                    elif self.stops.completes_stop(particle.tokens):
-                        particle.end = "stop"
+                    particle.end = ending(self.engine, self.stops, particle.tokens)
             running = [p for p in particles if p.end is None]
             if not running or t == settings.token_budget:
                 break
@@ -128,24 +130,24 @@ class SmcRun:
                 ess = effective_sample_size(log_w)
                 ess_min = min(ess_min, ess)
                 if ess < settings.ess_threshold * len(particles):
-                    top = log_w.max()
-                    log_normalizer += top + math.log(np.exp(log_w - top).mean())
+                    log_normalizer += log_mean_exp(log_w)
                     particles = self._resample(particles, log_w, t)
                     log_w = np.zeros(len(particles))
                     self.stats.resamples += 1
-        top = log_w.max()
-        weights = np.exp(log_w - top)
-        log_normalizer += top + math.log(weights.mean())
-        chosen = int(self.choices.start(CHOICE_STREAM, 0).choice(len(particles), p=weights / weights.sum()))
+        log_normalizer += log_mean_exp(log_w)
+        weights = np.exp(log_w - log_w.max())
+        chosen = int(self.streams.start(CHOICE_STREAM, 0, slot=1).choice(len(particles), p=weights / weights.sum()))
         self.stats.ess_min = min(ess_min, effective_sample_size(log_w))
         self.stats.distinct_ancestors = len({p.origin for p in particles})
         self.stats.log_normalizer = log_normalizer
-        return self._finish(particles[chosen])
+        best = particles[chosen]
+        return finished_sample(self.engine, self.stops, self.prompt, best.tokens, best.logp, best.end, self.stats,
+                               self._start)
 
     def _resample(self, particles: list[Particle], log_w: np.ndarray, t: int) -> list[Particle]:
         """Systematic resampling in place: each survivor keeps its own slot for its first copy;
         its other copies go to the slots of dropped particles."""
-        u = float(self.choices.start(CHOICE_STREAM, t).random())
+        u = float(self.streams.start(CHOICE_STREAM, t, slot=1).random())
         ancestors = systematic_ancestors(np.exp(log_w - log_w.max()), u)
         copies = np.bincount(ancestors, minlength=len(particles))
         free = [number for number in range(len(particles)) if copies[number] == 0]
@@ -160,12 +162,3 @@ class SmcRun:
                 resampled[target] = source.copy_into(slot)
         return resampled
 
-    def _finish(self, particle: Particle) -> Sample:
-        stats = self.stats
-        stats.stop_reason = particle.end or "length"
-        stats.wall_s = time.perf_counter() - self._start
-        text = b"".join(self.engine.token_bytes(t) for t in particle.tokens if not self.engine.is_end_of_generation(t))
-        if particle.end == "stop":
-            text = self.stops.cut(text)
-        return Sample(text=text.decode("utf-8", errors="replace"), tokens=list(particle.tokens),
-                      logprobs=list(particle.logp), stats=stats, prompt_token_ids=list(self.prompt))

@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -29,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import Model
 from ..errors import PsLocalError, UserError
-from ..output import _json_safe
+from ..output import stats_record
 from ..prompts import chat_tokens, render_messages
 from ..scheduler import Job, JobCancelled
 from ..settings import Sample
@@ -59,8 +58,7 @@ class Worker:
         self._stop.set()
         self.session.scheduler.wake()
         self._thread.join(timeout=30)
-        with self.session._step_lock:
-            self.session.scheduler.fail_all(JobCancelled("the server is shutting down"))
+        self.session.cancel_all(JobCancelled("the server is shutting down"))
 
 
 class TextStream:
@@ -273,7 +271,7 @@ class Reply:
 
     def stats(self, samples: list[Sample]) -> dict[str, Any]:
         return {"method": self.parsed.settings.method, "ignored": list(self.parsed.ignored),
-                "samples": [{key: _json_safe(value) for key, value in asdict(s.stats).items()} for s in samples]}
+                "samples": [stats_record(sample.stats) for sample in samples]}
 
     def usage(self, samples: list[Sample]) -> dict[str, int]:
         completion = sum(len(sample.tokens) for sample in samples)
