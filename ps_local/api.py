@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import UserError
 from .prompts import PromptSettings, prompt_tokens
-from .sampler import ProgressCallback
+from .samplers.base import ProgressCallback
 from .scheduler import Job, SampleCallback
 from .session import RuntimeOptions, Session
 from .settings import Sample, SamplingSettings, check_request

@@ -125,7 +125,7 @@ def blockwise_limit(
     in that block, then pi_K for the chains that reach the last block. It equals p^alpha
     over the full space only when one block covers T_max.
     """
-    from .sampler import block_ends  # the same block boundaries the sampler uses
+    from .samplers.mh import block_ends  # the same block boundaries the sampler uses
 
     final = enumerate_sequences(engine, prompt, max_tokens, alpha)
     index = final.index()

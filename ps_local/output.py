@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from .sampler import Progress
+from .samplers.base import Progress
 from .settings import Sample, SampleStats
 
 

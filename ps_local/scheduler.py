@@ -11,7 +11,7 @@ one) a number of KV cells, reserved per chain for its worst case so that a runni
 finds the cache full. Jobs are admitted in the order they came (first in, first out).
 
 Which chains share a batch does not change any chain's samples: chain i of a job draws only
-from streams keyed by (seed, i, step) (sampler.Chain). On the numpy toy that is exact bit for
+from streams keyed by (seed, i, step) (samplers.mh.Chain). On the numpy toy that is exact bit for
 bit; on llama.cpp a different batch can still move float32 logits.
 
 Pure logic over the engine protocol. One thread steps the scheduler; ``submit`` and
@@ -29,10 +29,10 @@ import numpy as np
 
 from .errors import UserError
 from .protocol import DecodeRequest, Engine
-from .sampler import Chain, ChainRun, ProgressCallback, TokenCallback, chain_seeds, slots_per_chain
+from .samplers import run_class, slots_per_chain
+from .samplers.base import ChainRun, ProgressCallback, TokenCallback, chain_seeds
 from .settings import Sample, SamplingSettings
-from .smc import SmcRun
-from .stops import StopMatcher
+from .samplers.stops import StopMatcher
 
 SampleCallback = Callable[[int, Sample], None]
 PROMPT_CACHE = 4  # prompts kept in their slots after their chains start, for later requests to share
@@ -206,7 +206,7 @@ class Scheduler:
         if not requests and not self._running:
             return False
         try:
-            # Chains that paused (sampler.PAUSE_EVERY) want nothing and get empty replies.
+            # Chains that paused (samplers.mh.PAUSE_EVERY) want nothing and get empty replies.
             rows = self.engine.decode(requests) if requests else np.empty((0, 0), dtype=np.float32)
         except Exception as error:
             # The cache is in an unknown state after a failed decode: everything in it fails.
@@ -350,7 +350,7 @@ class Scheduler:
         self._reserve(job.chain_cells)
         for slot in slots:
             self.engine.copy_prefix(admission.prompt_slot, slot, len(job.prompt))  # type: ignore[arg-type]
-        kind = SmcRun if job.settings.method == "smc" else Chain
+        kind = run_class(job.settings)
         chain = kind(self.engine, job.settings, job.prompt, slots, job.settings.seed, admission.seeds[index],
                      admission.stops, index, job.progress, max(1, job.round_width), job.on_token)
         admission.running += 1

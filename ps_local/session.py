@@ -12,7 +12,7 @@ from .engine import EngineError, LlamaEngine
 from .errors import UserError
 from .gguf_file import check_architecture, read_metadata
 from .memory import CACHE_TYPES, CachePlan, KvShape, check_cache_type, format_bytes, kv_bytes_per_cell, plan_cache
-from .sampler import ProgressCallback, TokenCallback
+from .samplers.base import ProgressCallback, TokenCallback
 from .scheduler import Job, Scheduler, random_seed
 from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
 

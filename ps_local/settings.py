@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import UserError
-from .proposal import TABLE_SIZE
 
 METHODS = ("power", "smc", "low-temp", "standard", "greedy")
 DEFAULT_MAX_TOKENS = 3072
+TABLE_SIZE = 256  # most tokens a proposal table keeps (samplers/proposal.py)
 
 
 @dataclass(frozen=True)

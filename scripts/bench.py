@@ -25,7 +25,7 @@ import numpy as np
 from ps_local.default_model import default_model_path
 from ps_local.engine import LlamaEngine
 from ps_local.protocol import DecodeRequest
-from ps_local.sampler import slots_per_chain
+from ps_local.samplers import slots_per_chain
 from ps_local.scheduler import sample
 from ps_local.settings import Sample, SamplingSettings
 

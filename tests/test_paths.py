@@ -140,7 +140,7 @@ def test_table_misses_on_llama_cpp(wide_gguf, table_size, round_width):
 
 
 def test_reused_generators_give_the_streams_they_stand_for():
-    from ps_local.streams import Streams, stream
+    from ps_local.samplers.streams import Streams, stream
 
     streams = Streams(chain_seed=987654321, slots=2)
     streams.start(1, 5, slot=0).random(7)  # a used generator, reset below
@@ -162,7 +162,7 @@ class ForgetfulEngine(ToyEngine):
 def test_the_invariant_check_catches_a_broken_cache():
     """Negative control: were the cache wrong, sampling stops with CacheInvariantError instead
     of scoring tokens in the wrong context."""
-    from ps_local.sampler import CacheInvariantError
+    from ps_local.samplers.mh import CacheInvariantError
 
     engine = ForgetfulEngine(["</s>"] + [f"t{i}" for i in range(1, 40)], eos=0, scale=0.3, eos_bias=-3.0)
     with pytest.raises(CacheInvariantError):

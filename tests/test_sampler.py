@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 
-from ps_local.proposal import draw_token
-from ps_local.sampler import block_ends
+from ps_local.samplers.proposal import draw_token
+from ps_local.samplers.mh import block_ends
 from ps_local.scheduler import sample
 from ps_local.settings import SamplingSettings
-from ps_local.stops import StopMatcher
+from ps_local.samplers.stops import StopMatcher
 from ps_local.toy_engine import ToyEngine
 
 VOCAB = ["</s>", "a", "b", "c", "d"]

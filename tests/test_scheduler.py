@@ -205,7 +205,7 @@ def test_a_chain_that_needs_no_decode_still_returns_to_the_scheduler(monkeypatch
         job.result()
     quick = replace(settings, mcmc_steps=200)
     (paused,) = sample(toy(), [1], quick)
-    monkeypatch.setattr("ps_local.sampler.PAUSE_EVERY", 10**9)
+    monkeypatch.setattr("ps_local.samplers.mh.PAUSE_EVERY", 10**9)
     (unpaused,) = sample(toy(), [1], quick)
     assert same(paused, unpaused) and paused.logprobs == unpaused.logprobs
 

@@ -8,7 +8,7 @@ import pytest
 from ps_local.exact import enumerate_sequences, total_variation, tv_bound
 from ps_local.scheduler import sample
 from ps_local.settings import SamplingSettings
-from ps_local.smc import effective_sample_size, systematic_ancestors
+from ps_local.samplers.smc import effective_sample_size, systematic_ancestors
 from ps_local.toy_engine import ToyEngine
 
 ALPHA = 4.0

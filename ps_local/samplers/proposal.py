@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ModelError
+from ..errors import ModelError
+from ..settings import TABLE_SIZE
 
 BLOCK = 512  # tokens per block of the two-level inverse-CDF sampling
-TABLE_SIZE = 256  # most tokens a table keeps
 TABLE_FLOOR = 1e-7  # tokens with less than this share of the proposal's mass stay out of tables
 
 

@@ -12,7 +12,7 @@ Consistent as N grows (bias O(1/N)), over sequences of at most max_tokens tokens
 (top-p, minimum lengths, early stops) changes the target. The maths and the traps of the public
 code are in the project's docs/samplers.md.
 
-Like sampler.Chain, a run is a generator yielding decode requests, so the scheduler batches it
+Like mh.Chain, a run is a generator yielding decode requests, so the scheduler batches it
 with other work; it uses ``settings.particles`` slots.
 """
 
@@ -25,10 +25,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..protocol import DecodeRequest, Engine
+from ..settings import SampleStats, SamplingSettings
+from .base import ChainRun, ProgressCallback, TokenCallback, ending, finished_sample
 from .proposal import TokenSampler
-from .protocol import DecodeRequest, Engine
-from .sampler import ChainRun, ProgressCallback, TokenCallback, ending, finished_sample
-from .settings import SampleStats, SamplingSettings
 from .stops import StopMatcher
 from .streams import Streams
 

@@ -10,18 +10,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from ..protocol import DecodeRequest, Engine
+from ..settings import Sample, SampleStats, SamplingSettings
+from .base import ChainRun, Progress, ProgressCallback, TokenCallback, ending, finished_sample
 from .proposal import TokenDraw, TokenSampler, TokenTable
-from .protocol import DecodeRequest, Engine
-from .settings import Sample, SampleStats, SamplingSettings
 from .stops import StopMatcher
 from .streams import Streams
-
-# A chain yields the decode requests it needs next and receives one logits row for each.
-ChainRun = Generator[list[DecodeRequest], Sequence[np.ndarray], Any]
 
 PAUSE_EVERY = 32  # MH rounds without a decode after which a chain yields to its driver
 
@@ -32,23 +30,6 @@ MH_STREAM = 1
 
 class CacheInvariantError(RuntimeError):
     """A bug in ps-local: a slot's cache does not hold what its trajectory says."""
-
-
-@dataclass
-class Progress:
-    chain: int
-    block: int
-    blocks: int
-    mh_step: int
-    mh_steps: int
-    accepted: int
-    proposals: int
-    tokens_decoded: int
-    elapsed_s: float
-
-
-ProgressCallback = Callable[[Progress], None]
-TokenCallback = Callable[[int, list[int]], None]  # (chain, its tokens so far)
 
 
 @dataclass
@@ -451,34 +432,3 @@ class Chain:
         stats.acceptance_rate = stats.accepted / stats.mh_steps if stats.mh_steps else None
         return finished_sample(self.engine, self.stops, self.prompt, current.tokens, current.logp, current.end,
                                stats, self._start)
-
-
-def ending(engine: Engine, stops: StopMatcher, tokens: list[int]) -> str | None:
-    """How a sequence whose last token was just drawn ends: ``eos``, ``stop``, or None (it goes on)."""
-    if engine.is_end_of_generation(tokens[-1]):
-        return "eos"
-    return "stop" if stops.completes_stop(tokens) else None
-
-
-def finished_sample(engine: Engine, stops: StopMatcher, prompt: Sequence[int], tokens: list[int],
-                    logprobs: list[float], end: str | None, stats: SampleStats, started: float) -> Sample:
-    """The Sample of a finished sequence: its text without EOS and cut at its stop string."""
-    stats.stop_reason = end or "length"
-    stats.wall_s = time.perf_counter() - started
-    text = b"".join(engine.token_bytes(t) for t in tokens if not engine.is_end_of_generation(t))
-    if end == "stop":
-        text = stops.cut(text)
-    return Sample(text=text.decode("utf-8", errors="replace"), tokens=list(tokens), logprobs=list(logprobs),
-                  stats=stats, prompt_token_ids=list(prompt))
-
-
-def chain_seeds(seed: int, count: int) -> list[int]:
-    """Independent per-chain seeds derived from one user seed."""
-    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(count)]
-
-
-def slots_per_chain(settings: SamplingSettings, max_round_width: int) -> int:
-    """Engine slots one chain uses: its sequence, plus one per proposal in a round."""
-    if settings.method == "smc":
-        return settings.particles
-    return 1 + max_round_width if settings.steps_per_block else 1
