@@ -64,6 +64,15 @@ def _first_error() -> str:
     return ""
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX (read from /proc/cpuinfo; False where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            return any(line.startswith("flags") and " amx_int8" in line for line in info)
+    except OSError:
+        return False
+
+
 def supports_gpu_offload() -> bool:
     return bool(llama.llama_supports_gpu_offload())
 
@@ -84,6 +93,11 @@ class LlamaEngine:
         self.n_threads = n_threads or os.cpu_count() or 1
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else (999 if supports_gpu_offload() else 0)
+        if cpu_has_amx():
+            # llama.cpp's AMX kernels (weights repacked into an "extra" buffer on Sapphire Rapids
+            # and later Xeons) crash the process on K-quants, the default model's Q4_K_M included
+            # (llama.cpp issue 20824, open, no fix): keep the weights in plain CPU buffers there.
+            params.use_extra_bufts = False
         _log_lines.clear()
         self.model = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:
