@@ -266,7 +266,8 @@ class LlamaEngine:
         self.n_ctx = int(llama.llama_n_ctx(ctx))
         self.n_batch = int(params.n_batch)
         self._lengths = [0] * n_slots
-        self._batch = llama.llama_batch_init(self.n_batch, 0, 1)
+        # A batch entry may carry every sequence (SMC particles with one prefix share entries).
+        self._batch = llama.llama_batch_init(self.n_batch, 0, n_slots)
 
     def length(self, slot: int) -> int:
         return self._lengths[slot]
@@ -294,20 +295,26 @@ class LlamaEngine:
         for row, (slot, tokens) in enumerate(requests):
             if not tokens:
                 raise EngineError("decode needs at least one token")
+            slots = slot if isinstance(slot, tuple) else (slot,)
+            position = self._lengths[slots[0]]
+            if any(self._lengths[s] != position for s in slots):
+                raise EngineError(f"slots {slots} share a decode but hold {[self._lengths[s] for s in slots]} positions")
             for offset, token in enumerate(tokens):
                 if used == self.n_batch:
                     self._run(used, pending, rows)
                     pending, used = [], 0
                 batch.token[used] = token
-                batch.pos[used] = self._lengths[slot]
-                batch.n_seq_id[used] = 1
-                batch.seq_id[used][0] = slot
+                batch.pos[used] = position + offset
+                batch.n_seq_id[used] = len(slots)
+                for number, sequence in enumerate(slots):
+                    batch.seq_id[used][number] = sequence
                 last = offset == len(tokens) - 1
                 batch.logits[used] = last
                 if last:
                     pending.append((row, used))
-                self._lengths[slot] += 1
                 used += 1
+            for sequence in slots:
+                self._lengths[sequence] += len(tokens)
         if used:
             self._run(used, pending, rows)
         return rows

@@ -6,7 +6,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-DecodeRequest = tuple[int, Sequence[int]]  # (slot, tokens to append to that slot)
+# (slot, tokens to append to it); or (slots, tokens): several slots that hold one same sequence
+# take the same tokens, evaluated once (one batch entry carried by all of them).
+Slots = int | tuple[int, ...]
+DecodeRequest = tuple[Slots, Sequence[int]]
 
 
 class Engine(Protocol):
@@ -47,6 +50,7 @@ class Engine(Protocol):
         """Append tokens to slots, all in one model evaluation.
 
         Returns one row of raw logits per request: those predicting the token after the
-        last one appended to that slot.
+        last one appended to that slot. A request for a tuple of slots, which must hold the
+        same tokens, appends to each of them and costs what one slot's request costs.
         """
         ...

@@ -62,8 +62,12 @@ class ToyEngine:
         for slot, tokens in requests:
             if not tokens:
                 raise ValueError("decode needs at least one token")
-            sequence = self.slots.setdefault(slot, [])
-            sequence.extend(tokens)
+            slots = slot if isinstance(slot, tuple) else (slot,)
+            held = [self.slots.setdefault(s, []) for s in slots]
+            if any(sequence != held[0] for sequence in held):
+                raise ValueError(f"slots {slots} share a decode but hold different tokens")
+            for sequence in held:
+                sequence.extend(tokens)
             self.tokens_decoded += len(tokens)
-            rows.append(self.logits(sequence))
+            rows.append(self.logits(held[0]))
         return np.stack(rows)
