@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 
-METHODS = ("power", "smc", "low-temp", "standard", "greedy")
+METHODS = ("power", "smc", "ppt", "low-temp", "standard", "greedy")
+PPT_REPLICAS = 4  # rungs of the default ladder (gains saturate around 4-5 in the PPT paper)
 DEFAULT_MAX_TOKENS = 3072
 TABLE_SIZE = 256  # most tokens a proposal table keeps (samplers/proposal.py)
 
@@ -16,8 +17,9 @@ TABLE_SIZE = 256  # most tokens a proposal table keeps (samplers/proposal.py)
 class SamplingSettings:
     """Everything that decides how one sample is drawn.
 
-    ``method`` picks the sampler: ``power`` is block-wise Metropolis-Hastings on p^alpha;
-    the others are the baselines of the paper (plain decoding at temperature 1, 1/alpha, 0).
+    ``method`` picks the sampler: ``power`` is block-wise Metropolis-Hastings on p^alpha,
+    ``smc`` Power-SMC and ``ppt`` parallel power tempering, all of the same target; the others
+    are the baselines of the paper (plain decoding at temperature 1, 1/alpha, 0).
     """
 
     method: str = "power"
@@ -33,16 +35,28 @@ class SamplingSettings:
     particles: int = 16
     ess_threshold: float = 0.5
     smc_check_every: int = 1
+    # The SMC alpha-ramp: alpha rises from 1 to alpha over the first smc_ramp tokens (0: none).
+    smc_ramp: int = 0
+    # Parallel power tempering (method "ppt"): the replicas' alphas, rising to alpha; None: a
+    # geometric ladder of PPT_REPLICAS rungs from 1.
+    ladder: tuple[float, ...] | None = None
     # Speed switches that leave the output distribution unchanged; the benchmark turns them
     # off to measure the plain sequential chain.
     early_rejection: bool = True
     reuse_tables: bool = True
     table_size: int = TABLE_SIZE  # most tokens a reused table keeps (tests shrink it to 1)
+    # SMC particles that hold one same sequence share one batch entry per decoded token.
+    smc_shared_decode: bool = True
+    # SMC at tau = 1/alpha: a token's weight is known before it is drawn, so resample first
+    # and let the copies draw their own next tokens.
+    smc_resample_first: bool = True
     # Only the exactness tests switch this off, to show that dropping log n - log n'
     # (as the reference code does) biases the chain.
     length_term: bool = True
     # Only the SMC negative-control test switches this off: particles then go unweighted.
     smc_weights: bool = True
+    # Only the PPT negative-control test switches this off: every swap is then accepted.
+    swap_correction: bool = True
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message for any setting that makes no sense."""
@@ -61,8 +75,12 @@ class SamplingSettings:
             raise ValueError(f"--seed must be an integer from 0 to 2^63 - 1, got {self.seed}")
         if self.table_size < 1:
             raise ValueError(f"table_size must be >= 1, got {self.table_size}")
-        if self.method == "smc" and math.isinf(self.alpha):
-            raise ValueError("--method smc needs a finite --alpha (max-swap is --method power --alpha inf)")
+        if self.method in ("smc", "ppt") and math.isinf(self.alpha):
+            raise ValueError(f"--method {self.method} needs a finite --alpha (max-swap is --method power --alpha inf)")
+        if self.smc_ramp < 0:
+            raise ValueError(f"--alpha-ramp must be a number of tokens >= 0, got {self.smc_ramp}")
+        if self.method == "ppt":
+            self._validate_ladder()
         if self.particles < 1 or self.particles > 255:
             raise ValueError(f"--particles must be from 1 to 255, got {self.particles}")
         if not 0 <= self.ess_threshold <= 1:
@@ -71,6 +89,33 @@ class SamplingSettings:
             raise ValueError(f"--resample-every must be a positive integer, got {self.smc_check_every}")
         if any(s == "" for s in self.stop):
             raise ValueError("--stop strings must not be empty")
+
+    def _validate_ladder(self) -> None:
+        if self.proposal_temp is not None:
+            raise ValueError("--method ppt gives each replica the proposal temperature 1/alpha of its rung; "
+                             "drop --proposal-temp")
+        if self.ladder is None and self.alpha <= 1:
+            raise ValueError("--method ppt tempers between alpha 1 and --alpha: it needs --alpha > 1")
+        ladder = self.power_ladder
+        if not 2 <= len(ladder) <= 16:
+            raise ValueError(f"--ladder needs 2 to 16 rungs, got {len(ladder)}")
+        if any(math.isnan(a) or not 1 <= a < math.inf for a in ladder):
+            raise ValueError(f"--ladder rungs must be finite numbers >= 1, got {_rungs(ladder)}")
+        if any(b <= a for a, b in zip(ladder, ladder[1:])):
+            raise ValueError(f"--ladder must rise strictly, got {_rungs(ladder)}")
+        if ladder[-1] != self.alpha:
+            raise ValueError(f"--ladder must end at --alpha {self.alpha:g} (the replica whose samples are returned), "
+                             f"got {_rungs(ladder)}")
+
+    @property
+    def power_ladder(self) -> tuple[float, ...]:
+        """The alphas of the PPT replicas: ``ladder``, or a geometric one from 1 to alpha."""
+        if self.ladder is not None:
+            return tuple(self.ladder)
+        if self.alpha <= 1:
+            return (self.alpha,)  # nothing to temper: refused by validate()
+        steps = PPT_REPLICAS - 1
+        return tuple(self.alpha ** (k / steps) for k in range(steps)) + (self.alpha,)
 
     @property
     def temperature(self) -> float:
@@ -90,7 +135,7 @@ class SamplingSettings:
 
     @property
     def steps_per_block(self) -> int:
-        return self.mcmc_steps if self.method == "power" else 0
+        return self.mcmc_steps if self.method in ("power", "ppt") else 0
 
     @property
     def token_budget(self) -> int:
@@ -98,7 +143,11 @@ class SamplingSettings:
 
     @property
     def effective_block_size(self) -> int:
-        return self.block_size if self.method == "power" else self.token_budget
+        return self.block_size if self.method in ("power", "ppt") else self.token_budget
+
+
+def _rungs(ladder: tuple[float, ...]) -> str:
+    return ",".join(f"{a:g}" for a in ladder)
 
 
 def check_request(settings: SamplingSettings, num_samples: int) -> SamplingSettings:
@@ -138,6 +187,11 @@ class SampleStats:
     ess_min: float | None = None  # lowest effective sample size seen
     distinct_ancestors: int | None = None  # first-generation particles with descendants at the end
     log_normalizer: float | None = None  # estimate of log of the sum of p(x)^alpha over sequences x
+    particle_tokens: int | None = None  # tokens appended to particles (shared entries: once in tokens_decoded)
+    # Parallel power tempering (None for the other methods): the replicas' alphas and, per
+    # adjacent pair, the share of proposed swaps accepted.
+    ladder: list[float] | None = None
+    swap_acceptance: list[float] | None = None
     stop_reason: str = "length"  # length | eos | stop
     wall_s: float = 0.0
 

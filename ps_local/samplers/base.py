@@ -34,6 +34,23 @@ ProgressCallback = Callable[[Progress], None]
 TokenCallback = Callable[[int, list[int]], None]  # (chain, its tokens so far)
 
 
+class CacheInvariantError(RuntimeError):
+    """A bug in ps-local: a slot's cache does not hold what its sequence says."""
+
+
+def check_cache(engine: Engine, prompt: list[int], slot: int, tokens: list[int], cached: int) -> None:
+    """The cache invariant: a slot that a sequence owns holds the prompt and the sequence's first
+    ``cached`` tokens (a token decoded onto any other context gets the wrong logits, draws and
+    log p). Engines that can show a slot's tokens (the numpy toy) get the tokens compared too."""
+    held = engine.length(slot)
+    expected = len(prompt) + cached
+    if held != expected:
+        raise CacheInvariantError(f"slot {slot} holds {held} positions, the sequence needs {expected}")
+    slot_tokens = getattr(engine, "slot_tokens", None)
+    if slot_tokens is not None and slot_tokens(slot) != (prompt + tokens)[:expected]:
+        raise CacheInvariantError(f"slot {slot} holds other tokens than its sequence")
+
+
 def ending(engine: Engine, stops: StopMatcher, tokens: list[int]) -> str | None:
     """How a sequence whose last token was just drawn ends: ``eos``, ``stop``, or None (it goes on)."""
     if engine.is_end_of_generation(tokens[-1]):
@@ -51,6 +68,35 @@ def finished_sample(engine: Engine, stops: StopMatcher, prompt: Sequence[int], t
         text = stops.cut(text)
     return Sample(text=text.decode("utf-8", errors="replace"), tokens=list(tokens), logprobs=list(logprobs),
                   stats=stats, prompt_token_ids=list(prompt))
+
+
+def lockstep(runs: Sequence[ChainRun]) -> ChainRun:
+    """Advance several runs together: each decode carries every unfinished run's requests.
+    Returns the runs' results, in order."""
+    results: list[Any] = [None] * len(runs)
+    wanted: dict[int, list[DecodeRequest]] = {}
+
+    def advance(number: int, reply: Sequence[np.ndarray] | None) -> None:
+        try:
+            wanted[number] = runs[number].send(reply)  # type: ignore[arg-type]
+        except StopIteration as finished:
+            wanted.pop(number, None)
+            results[number] = finished.value
+
+    try:
+        for number in range(len(runs)):
+            advance(number, None)
+        while wanted:
+            waiting = list(wanted.items())
+            rows = yield [request for _, requests in waiting for request in requests]
+            offset = 0
+            for number, requests in waiting:
+                advance(number, rows[offset : offset + len(requests)])
+                offset += len(requests)
+    finally:
+        for run in runs:
+            run.close()  # a run closed early (a cancelled job) closes the ones it drives
+    return results
 
 
 def chain_seeds(seed: int, count: int) -> list[int]:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..protocol import DecodeRequest, Engine
 from ..settings import Sample, SampleStats, SamplingSettings
-from .base import ChainRun, Progress, ProgressCallback, TokenCallback, ending, finished_sample
-from .proposal import TokenDraw, TokenSampler, TokenTable
+from .base import (CacheInvariantError, ChainRun, Progress, ProgressCallback, TokenCallback, check_cache, ending,
+                   finished_sample)
+from .proposal import Rung, TokenDraw, TokenSampler, TokenTable
 from .stops import StopMatcher
 from .streams import Streams
 
@@ -26,10 +27,6 @@ PAUSE_EVERY = 32  # MH rounds without a decode after which a chain yields to its
 # Kinds of random stream a chain draws from, each indexed (block, MH step).
 EXTEND_STREAM = 0
 MH_STREAM = 1
-
-
-class CacheInvariantError(RuntimeError):
-    """A bug in ps-local: a slot's cache does not hold what its trajectory says."""
 
 
 @dataclass
@@ -49,6 +46,9 @@ class Trajectory:
     tables: list[TokenTable | None] = field(default_factory=list)  # the proposal at each position
     cached: int = 0
     end: str | None = None  # None, "eos" or "stop"
+    # On a tempering ladder: each token's MH weight at every rung, so that the sequence can
+    # move to another replica (retarget) without decoding anything again.
+    rung_weights: list[np.ndarray] | None = None
 
     def append(self, draw: TokenDraw, table: TokenTable | None) -> None:
         self.tokens.append(draw.token)
@@ -56,6 +56,10 @@ class Trajectory:
         self.logp.append(draw.logp)
         self.cum_logp.append(self.cum_logp[-1] + draw.logp)
         self.cum_weight.append(self.cum_weight[-1] + draw.log_weight)
+        if draw.rung_weights is not None:
+            if self.rung_weights is None:
+                self.rung_weights = []
+            self.rung_weights.append(draw.rung_weights)
 
     def prefix(self, slot: int, keep: int) -> "Trajectory":
         return Trajectory(
@@ -66,7 +70,14 @@ class Trajectory:
             self.cum_weight[: keep + 1],
             self.tables[:keep],
             keep,
+            rung_weights=None if self.rung_weights is None else self.rung_weights[:keep],
         )
+
+    def retarget(self, rung: int) -> None:
+        """Make the MH weights those of ladder rung ``rung`` (a sequence swapped to another replica)."""
+        if self.rung_weights:
+            sums = np.cumsum([0.0] + [float(weights[rung]) for weights in self.rung_weights])
+            self.cum_weight = sums.tolist()
 
 
 def block_ends(max_tokens: int, block_size: int) -> list[int]:
@@ -124,7 +135,12 @@ class Chain:
         progress: ProgressCallback | None = None,
         max_round_width: int = 1,
         on_token: TokenCallback | None = None,
+        rungs: Sequence[Rung] = (),
+        rung: int = 0,
     ):
+        """``rungs``, ``rung``: the (alpha, temperature) of every replica of a tempering ladder
+        this chain is replica ``rung`` of (samplers.ppt); its sequences then carry every rung's
+        weights."""
         self.engine = engine
         # Only a plain decode's tokens are final as they are drawn: a later MH step may change
         # any token of a power sample, so those are never reported early.
@@ -135,14 +151,14 @@ class Chain:
         self.slots = list(slots)  # the first holds the initial sequence; 1 + max round width
         # Slot 0 for the block extensions, one per proposal of a round after it.
         self.streams = Streams(chain_seed, 1 + max_round_width)
-        self.rng: np.random.Generator  # the extension stream of the block being grown: set in run()
+        self.rng: np.random.Generator  # the extension stream of the block being grown: set in run_block()
         self.stops = stop_matcher
         self.index = index
         self.progress = progress
         self.temperature = settings.temperature
-        self.token_sampler = TokenSampler(engine.n_vocab, self.temperature, settings.alpha, settings.table_size)
-        # Engines that can show a slot's tokens (the numpy toy) get the full invariant check.
-        self._slot_tokens: Callable[[int], list[int]] | None = getattr(engine, "slot_tokens", None)
+        self.token_sampler = TokenSampler(engine.n_vocab, self.temperature, settings.alpha, settings.table_size,
+                                          rungs, rung)
+        self.ends = block_ends(settings.token_budget, settings.effective_block_size)
         # A proposal at m draws x'_m, x'_m+1, ... from the same distributions as the current
         # sequence did until it first differs from it: kept as tables, those cost no decoding.
         self.reuse_tables = settings.reuse_tables and settings.steps_per_block > 0
@@ -168,30 +184,34 @@ class Chain:
     def run(self, prompt_logits: np.ndarray) -> ChainRun:
         """Algorithm 1. ``prompt_logits`` predict the first generated token; every slot
         already holds the prompt."""
-        settings = self.settings
         current = Trajectory(self.slots[0], cached=0)
-        ends = block_ends(settings.token_budget, settings.effective_block_size)
-        next_logits: np.ndarray | None = prompt_logits
-        for block, limit in enumerate(ends, start=1):
-            self.rng = self.streams.start(EXTEND_STREAM, block)
-            yield from self._extend(current, limit, next_logits)
-            next_logits = None
-            steps = 0
-            while steps < settings.steps_per_block:
-                decoded = self.stats.tokens_decoded
-                current, used = yield from self._mh_round(current, limit, settings.steps_per_block - steps)
-                steps += used
-                self._report(block, len(ends), steps)
-                if self.stats.tokens_decoded == decoded:
-                    # Proposals drawn from stored tables need no decode, so a chain could run
-                    # thousands of steps without returning to its driver: pause now and then,
-                    # so that other chains advance and a cancellation is seen. Draws nothing.
-                    self._rounds_without_decode += 1
-                    if self._rounds_without_decode % PAUSE_EVERY == 0:
-                        yield []
+        for block in range(1, len(self.ends) + 1):
+            current = yield from self.run_block(current, block, prompt_logits if block == 1 else None)
             if current.end is not None:
                 break
         return self._finish(current)
+
+    def run_block(self, current: Trajectory, block: int, next_logits: np.ndarray | None) -> ChainRun:
+        """Block ``block`` of Algorithm 1 from ``current``: extend it to the block's end (or an
+        end of sequence), then the block's MH steps; returns the chain's new sequence.
+        ``next_logits``: the logits that predict ``current``'s next token, when known."""
+        limit = self.ends[block - 1]
+        self.rng = self.streams.start(EXTEND_STREAM, block)
+        yield from self._extend(current, limit, next_logits)
+        steps = 0
+        while steps < self.settings.steps_per_block:
+            decoded = self.stats.tokens_decoded
+            current, used = yield from self._mh_round(current, limit, self.settings.steps_per_block - steps)
+            steps += used
+            self._report(block, len(self.ends), steps)
+            if self.stats.tokens_decoded == decoded:
+                # Proposals drawn from stored tables need no decode, so a chain could run
+                # thousands of steps without returning to its driver: pause now and then,
+                # so that other chains advance and a cancellation is seen. Draws nothing.
+                self._rounds_without_decode += 1
+                if self._rounds_without_decode % PAUSE_EVERY == 0:
+                    yield []
+        return current
 
     def _extend(self, trajectory: Trajectory, limit: int, next_logits: np.ndarray | None) -> ChainRun:
         """Grow the current sequence from the proposal until ``limit`` tokens or an end."""
@@ -370,15 +390,7 @@ class Chain:
         return trajectory.slot, tokens
 
     def _check_cache(self, trajectory: Trajectory) -> None:
-        """The slot must hold the prompt and the trajectory's first ``cached`` tokens: a
-        token decoded onto any other context gets the wrong logits, draws and log p."""
-        held = self.engine.length(trajectory.slot)
-        expected = len(self.prompt) + trajectory.cached
-        if held != expected:
-            raise CacheInvariantError(f"slot {trajectory.slot} holds {held} positions, the chain expects {expected}")
-        if self._slot_tokens is not None:
-            if self._slot_tokens(trajectory.slot) != (self.prompt + trajectory.tokens)[:expected]:
-                raise CacheInvariantError(f"slot {trajectory.slot} holds other tokens than its trajectory")
+        check_cache(self.engine, self.prompt, trajectory.slot, trajectory.tokens, trajectory.cached)
 
     def _may_accept(self, move: Move, log_n: float) -> bool:
         """Whether the move can still be accepted, whatever tokens would follow."""
