@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -40,6 +41,11 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="smc: resample when the effective sample size falls below this share of the particles."),
         click.option("--resample-every", type=int, default=1, show_default=True,
                      help="smc: check the effective sample size every this many tokens."),
+        click.option("--alpha-ramp", type=int, default=0, show_default=True,
+                     help="smc: raise alpha from 1 to --alpha over this many first tokens (0: no ramp)."),
+        click.option("--ladder", default=None,
+                     help="ppt: the replicas' alphas, rising to --alpha, e.g. 1,2,4 "
+                          "[default: 4 rungs, geometric from 1 to --alpha]."),
         click.option("--seed", type=int, default=None, help="Random seed [default: random, reported]."),
         click.option("--stop", multiple=True, help="Stop string; ends a sequence inside the sampler (repeatable)."),
         click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]."),
@@ -81,7 +87,19 @@ def settings_from(options: dict[str, Any], method: str = "power") -> SamplingSet
         particles=options["particles"],
         ess_threshold=options["ess_threshold"],
         smc_check_every=options["resample_every"],
+        smc_ramp=options["alpha_ramp"],
+        ladder=parse_ladder(options["ladder"]),
     )
+
+
+def parse_ladder(text: str | None) -> tuple[float, ...] | None:
+    """``--ladder 1,2,4`` as a tuple of alphas (checked further by SamplingSettings.validate)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(rung) for rung in text.split(","))
+    except ValueError:
+        raise UserError(f"--ladder takes comma-separated numbers such as 1,2,4, got {text!r}") from None
 
 
 def runtime_from(options: dict[str, Any]) -> "RuntimeOptions":
@@ -100,14 +118,16 @@ def runtime_from(options: dict[str, Any]) -> "RuntimeOptions":
 # Options that only some methods read: given explicitly to a method that ignores them, they
 # would silently do nothing, so they are refused.
 METHOD_OPTIONS = {
-    "alpha": ("power", "smc", "low-temp"),
+    "alpha": ("power", "smc", "ppt", "low-temp"),
     "particles": ("smc",),
     "ess_threshold": ("smc",),
     "resample_every": ("smc",),
-    "block_size": ("power",),
-    "mcmc_steps": ("power",),
+    "alpha_ramp": ("smc",),
+    "ladder": ("ppt",),
+    "block_size": ("power", "ppt"),
+    "mcmc_steps": ("power", "ppt"),
     "proposal_temp": ("power", "smc", "standard"),
-    "round_width": ("power",),
+    "round_width": ("power", "ppt"),
 }
 
 
@@ -155,7 +175,8 @@ def cli() -> None:
 @click.argument("model")
 @click.argument("prompt", required=False)
 @click.option("--method", type=click.Choice(METHODS), default="power", show_default=True,
-              help="power: MH on p^alpha; baselines: low-temp (T=1/alpha), standard (T=1), greedy.")
+              help="power: MH on p^alpha; smc: Power-SMC; ppt: parallel power tempering; "
+                   "baselines: low-temp (T=1/alpha), standard (T=1), greedy.")
 @sampling_options
 @chat_options
 @click.option("--template", type=click.Choice(TEMPLATES), default=None,
@@ -261,6 +282,8 @@ def eval_run(context: click.Context, model: str, task: str, methods: str, num_sa
     if parallel < 1:
         raise UserError(f"--parallel must be a positive integer, got {parallel}")
     base = check_request(settings_from(options), num_samples)
+    for method in chosen:  # each method's own settings (a PPT ladder, SMC particles) before any sampling
+        check_request(replace(base, method=method), num_samples)
     check_explicit_options(context, chosen)
     loaded = load_task(task, data, grader)
     plan = EvalPlan(chosen, num_samples, out or Path("ps-local-eval") / loaded.name, limit,

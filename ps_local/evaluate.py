@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import UserError
 from .grading.sandbox import process_limit
+from .output import method_diagnostics
 from .prompts import PromptSettings, prompt_tokens
 from .scheduler import Job
 from .run_config import claim_folder, differences, fingerprint, read_config, run_config
@@ -118,7 +119,8 @@ def run_eval(
     # Room for `parallel` requests at once (the cache grows only while nothing runs).
     concurrent = max(1, min(plan.parallel * plan.num_samples, session.options.chains_per_batch))
     if problems and plan.parallel > 1:
-        session.make_room(plan.parallel * max(map(len, prompts.values())), base, concurrent)
+        session.make_room(plan.parallel * max(map(len, prompts.values())),
+                          [replace(base, method=method) for method in plan.methods], concurrent)
     in_flight: list[Job] = []
     path = results_file(plan)
     with path.open("a", encoding="utf-8") as out:
@@ -160,6 +162,7 @@ def run_eval(
                             "wall_s": sample.stats.wall_s,
                             "acceptance_rate": sample.stats.acceptance_rate,
                             "moved_rate": sample.stats.moved / sample.stats.mh_steps if sample.stats.mh_steps else None,
+                            **method_diagnostics(sample.stats),
                             "seed": settings.seed,
                             **stamp,
                         })

@@ -142,19 +142,19 @@ def plan_cache(
     prompt_tokens: int,
     max_tokens: int,
     chains: int = 1,
-    round_width: int = 0,
+    slots_per_chain: int = 1,
     cache_type: str = "f16",
 ) -> CachePlan:
     """The cache for ``chains`` chains of up to ``max_tokens`` tokens after the prompt.
 
-    Same sizing as Session.generate: the prompt once, then for every chain its own sequence
-    plus ``round_width`` proposals in flight (0 for the baselines, which propose nothing).
+    Same sizing as Session.generate: the prompt once, then for every chain ``slots_per_chain``
+    sequences of up to ``max_tokens`` cells each (an MH chain's sequence and one per proposal in
+    flight; 1 for the baselines; one per SMC particle; that for each PPT replica).
     """
-    per_chain = 1 + round_width
-    cells = prompt_tokens + per_chain * max_tokens * chains + SPARE_CELLS
+    cells = prompt_tokens + slots_per_chain * max_tokens * chains + SPARE_CELLS
     return CachePlan(
         cells=cells,
-        slots=1 + per_chain * chains,
+        slots=1 + slots_per_chain * chains,
         bytes_per_cell=None if shape is None else kv_bytes_per_cell(shape, cache_type),
         cache_type=cache_type,
     )

@@ -24,6 +24,16 @@ def stats_record(stats: SampleStats) -> dict[str, Any]:
     return {key: _json_safe(value) for key, value in asdict(stats).items()}
 
 
+# SampleStats fields only some methods fill in (None for the others).
+METHOD_DIAGNOSTICS = ("particles", "resamples", "ess_min", "distinct_ancestors", "log_normalizer", "particle_tokens",
+                      "ladder", "swap_acceptance")
+
+
+def method_diagnostics(stats: SampleStats) -> dict[str, Any]:
+    """The diagnostics of the method that drew a sample (SMC's ESS, PPT's swaps, ...)."""
+    return {name: getattr(stats, name) for name in METHOD_DIAGNOSTICS if getattr(stats, name) is not None}
+
+
 def sample_record(sample: Sample) -> dict[str, Any]:
     return {
         "text": sample.text,
@@ -43,15 +53,23 @@ def summary_line(sample: Sample) -> str:
     parts = [f"[sample {stats.chain}] {stats.method}"]
     if stats.method == "power":
         parts.append(f"alpha={stats.alpha:g} B={stats.block_size} N={stats.mcmc_steps}")
+    if stats.method == "ppt":
+        ladder = ",".join(f"{alpha:.3g}" for alpha in stats.ladder or [])
+        swaps = "/".join(f"{rate:.0%}" for rate in stats.swap_acceptance or [])
+        parts.append(f"ladder={ladder} B={stats.block_size} N={stats.mcmc_steps}, swaps accepted {swaps}")
     if stats.method == "smc":
         parts.append(f"alpha={stats.alpha:g} particles={stats.particles}, ESS min {stats.ess_min:.1f}, "
                      f"{stats.resamples} resamplings, {stats.distinct_ancestors} distinct ancestors")
     parts.append(f"{len(sample.tokens)} tokens ({stats.stop_reason})")
-    parts.append(f"{stats.tokens_decoded} decoded, {stats.tokens_reevaluated} re-evaluated")
+    if stats.method == "smc":
+        parts.append(f"{stats.tokens_decoded} decoded for {stats.particle_tokens} particle tokens")
+    else:
+        parts.append(f"{stats.tokens_decoded} decoded, {stats.tokens_reevaluated} re-evaluated")
     if stats.acceptance_rate is not None:
         # Accepting a proposal that reproduced the current sequence does not move the chain:
         # "moved" is what shows mixing, acceptance alone can read 100% for a chain stuck still.
-        parts.append(f"moved {stats.moved}/{stats.mh_steps} ({stats.moved / stats.mh_steps:.0%}), "
+        whose = " (alpha replica)" if stats.method == "ppt" else ""
+        parts.append(f"moved {stats.moved}/{stats.mh_steps} ({stats.moved / stats.mh_steps:.0%}){whose}, "
                      f"accepted {stats.accepted}/{stats.mh_steps}")
     parts.append(f"{stats.wall_s:.1f} s, seed {stats.seed}")
     return ", ".join(parts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ def run_config(model: Path, task_name: str, problems: list[Any], prompt: dict[st
             "particles": settings.particles,  # smc
             "ess_threshold": settings.ess_threshold,
             "smc_check_every": settings.smc_check_every,
+            "smc_ramp": settings.smc_ramp,
+            "ladder": list(settings.power_ladder) if 1 < settings.alpha < math.inf else None,  # ppt
         },
         "seed": settings.seed if settings.seed is not None else 0,
     }

@@ -12,6 +12,7 @@ from .engine import EngineError, LlamaEngine
 from .errors import UserError
 from .gguf_file import check_architecture, read_metadata
 from .memory import CACHE_TYPES, CachePlan, KvShape, check_cache_type, format_bytes, kv_bytes_per_cell, plan_cache
+from .samplers import slots_per_chain
 from .samplers.base import ProgressCallback, TokenCallback
 from .scheduler import Job, Scheduler, random_seed
 from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
@@ -46,10 +47,12 @@ class RuntimeOptions:
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How many chains share a batch and how many proposals each decodes together."""
+    """How many chains share a batch, how many proposals each decodes together, and the KV
+    sequences (slots) each holds."""
 
     chains: int
-    round_width: int  # 0 for the baselines, which propose nothing
+    round_width: int  # 0 for the baselines, which propose nothing, and for SMC
+    slots_per_chain: int
 
 
 def fit_max_tokens(prompt_tokens: int, requested: int | None, ctx: int | None, n_ctx_train: int) -> int:
@@ -102,14 +105,17 @@ class Session:
         """Chains per batch and proposals per round, within llama.cpp's sequence limit."""
         chains = min(chains, self.options.chains_per_batch)
         if settings.method == "smc":
-            # One slot per particle: plan_cache counts 1 + round_width slots per chain.
-            return BatchLayout(max(1, min(chains, (MAX_SEQUENCES - 1) // settings.particles)), settings.particles - 1)
+            per_chain = slots_per_chain(settings, 0)  # one per particle
+            return BatchLayout(max(1, min(chains, (MAX_SEQUENCES - 1) // per_chain)), 0, per_chain)
         if not settings.steps_per_block:
-            return BatchLayout(min(chains, MAX_SEQUENCES - 1), 0)
-        width = self.options.round_width or max(1, self.options.batch_width // chains)
-        width = min(width, MAX_SEQUENCES - 2)
-        # Slot 0 holds the prompt; each chain takes 1 + width slots.
-        return BatchLayout(min(chains, (MAX_SEQUENCES - 1) // (1 + width)), width)
+            return BatchLayout(min(chains, MAX_SEQUENCES - 1), 0, 1)
+        # PPT: every replica is an MH chain with its own proposals.
+        replicas = len(settings.power_ladder) if settings.method == "ppt" else 1
+        width = self.options.round_width or max(1, self.options.batch_width // (chains * replicas))
+        width = min(width, (MAX_SEQUENCES - 1) // replicas - 1)
+        per_chain = slots_per_chain(settings, width)
+        # Slot 0 holds the prompt; each chain takes per_chain slots.
+        return BatchLayout(max(1, min(chains, (MAX_SEQUENCES - 1) // per_chain)), width, per_chain)
 
     def plan(self, prompt_tokens: list[int], settings: SamplingSettings, num_samples: int = 1) -> CachePlan:
         """The KV cache a run of these settings allocates (what --dry-run shows)."""
@@ -134,7 +140,7 @@ class Session:
         max_tokens = fit_max_tokens(len(prompt_tokens), settings.max_tokens, self.options.ctx, self.engine.n_ctx_train)
         layout = self.layout(settings, chains)
         # Unified cache: the prompt once, then every chain's sequence and proposals.
-        plan = plan_cache(self.kv_shape, len(prompt_tokens), max_tokens, layout.chains, layout.round_width,
+        plan = plan_cache(self.kv_shape, len(prompt_tokens), max_tokens, layout.chains, layout.slots_per_chain,
                           self.options.cache_type)
         return replace(settings, max_tokens=max_tokens), layout, plan
 
@@ -165,14 +171,18 @@ class Session:
             self._ensure_capacity(plan)
             return self.scheduler.submit(job)
 
-    def make_room(self, prompt_tokens: int, settings: SamplingSettings, chains: int) -> None:
+    def make_room(self, prompt_tokens: int, settings: SamplingSettings | list[SamplingSettings], chains: int) -> None:
         """Grow the cache (when idle) for several prompts of ``prompt_tokens`` tokens in all and
-        ``chains`` chains at once, so that they all run together."""
-        fitted, layout, _ = self._prepare([0], settings, chains)
-        plan = plan_cache(self.kv_shape, prompt_tokens, fitted.token_budget, layout.chains, layout.round_width,
-                          self.options.cache_type)
+        ``chains`` chains at once, so that they all run together; with several settings (the
+        methods of an evaluation), for the most demanding of them."""
+        plans = []
+        for chosen in settings if isinstance(settings, list) else [settings]:
+            fitted, layout, _ = self._prepare([0], chosen, chains)
+            plans.append(plan_cache(self.kv_shape, prompt_tokens, fitted.token_budget, layout.chains,
+                                    layout.slots_per_chain, self.options.cache_type))
+        cells, slots = max(plan.cells for plan in plans), max(plan.slots for plan in plans)
         with self._step_lock:
-            self._ensure_capacity(replace(plan, slots=min(MAX_SEQUENCES, plan.slots + chains)))
+            self._ensure_capacity(replace(plans[0], cells=cells, slots=min(MAX_SEQUENCES, slots + chains)))
 
     def step(self) -> bool:
         """One scheduler step under the step lock (a serving thread calls this in a loop)."""
@@ -250,7 +260,7 @@ class Session:
         max_tokens = min(defaults.token_budget, self.engine.n_ctx_train - 1)
         layout = self.layout(defaults, 1)
         per_token = {kind: kv_bytes_per_cell(self.kv_shape, kind) for kind in CACHE_TYPES}
-        sample = {kind: plan_cache(self.kv_shape, 0, max_tokens, layout.chains, layout.round_width, kind).bytes
+        sample = {kind: plan_cache(self.kv_shape, 0, max_tokens, layout.chains, layout.slots_per_chain, kind).bytes
                   for kind in CACHE_TYPES}
         return {
             "kv_cache_per_token": ", ".join(f"{format_bytes(size)} ({kind})" for kind, size in per_token.items()),

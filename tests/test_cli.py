@@ -380,3 +380,23 @@ def test_smc_from_the_cli_reports_its_diagnostics(tiny_gguf):
     assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--method", "smc", "--alpha", "inf"),
                           "finite --alpha")
     assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--particles", "4"), "no effect")
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--method", "smc", "--alpha-ramp", "-1"),
+                          "--alpha-ramp must be")
+
+
+def test_ppt_from_the_cli_reports_its_swaps(tiny_gguf):
+    result = ps_local("generate", str(tiny_gguf), "yes no", "--method", "ppt", "--ladder", "1,2,4", *FAST,
+                      "--seed", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["stats"]
+    assert stats["method"] == "ppt" and stats["ladder"] == [1, 2, 4] and stats["block_size"] == 4
+    assert len(stats["swap_acceptance"]) == 2
+    summary = ps_local("generate", str(tiny_gguf), "yes no", "--method", "ppt", *FAST, "--seed", "4")
+    assert "ppt, ladder=1,1.59,2.52,4 B=4 N=3, swaps accepted" in summary.stderr.decode()
+    for options, fragment in [(["--ladder", "1,2"], "must end at --alpha 4"),
+                              (["--ladder", "1,x,4"], "comma-separated numbers"),
+                              (["--ladder", "2,1,4"], "must rise strictly"),
+                              (["--proposal-temp", "0.5"], "drop --proposal-temp"),
+                              (["--alpha", "1"], "alpha > 1")]:
+        assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--method", "ppt", *options), fragment)
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--ladder", "1,4"), "no effect")

@@ -437,11 +437,19 @@ def test_a_process_that_leaves_the_group_is_killed_where_there_is_a_cgroup():
     assert sandbox_processes(marker) == []
 
 
-def test_eval_compares_smc_beside_power_and_records_its_settings(tiny_gguf, words_task, tmp_path):
-    out = tmp_path / "smc"
-    done = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power,smc,low-temp", "--particles", "4",
-                    "--out", str(out), *FAST)
+def test_eval_compares_every_sampler_of_p_alpha_and_records_their_settings(tiny_gguf, words_task, tmp_path):
+    out = tmp_path / "samplers"
+    done = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power,smc,ppt,low-temp",
+                    "--particles", "4", "--ladder", "1,2,4", "--parallel", "3", "--out", str(out), *FAST)
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"power", "smc", "low-temp"} and summary["smc"]["problems"] == 5
-    assert json.loads((out / "run.json").read_text())["settings"]["particles"] == 4
+    assert set(summary) == {"power", "smc", "ppt", "low-temp"}
+    assert summary["smc"]["problems"] == summary["ppt"]["problems"] == 5
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["particles"] == 4 and settings["ladder"] == [1, 2, 4]
+    results = lines(out)
+    assert {r["particles"] for r in results if r["method"] == "smc"} == {4}
+    assert all(r["ladder"] == [1, 2, 4] and len(r["swap_acceptance"]) == 2 for r in results if r["method"] == "ppt")
+    bad = ps_local("eval", str(tiny_gguf), str(words_task), "--methods", "power,ppt", "--ladder", "1,3",
+                   "--out", str(tmp_path / "bad"), *FAST)
+    assert bad.returncode == 2 and "must end at --alpha 4" in bad.stderr and not (tmp_path / "bad").exists()

@@ -321,11 +321,11 @@ def test_cache_types_a_model_can_use():
 
 
 def test_plan_matches_the_session_formula():
-    plan = plan_cache(QWEN_7B, prompt_tokens=100, max_tokens=3072, chains=1, round_width=8)
+    plan = plan_cache(QWEN_7B, prompt_tokens=100, max_tokens=3072, chains=1, slots_per_chain=9)
     assert (plan.cells, plan.slots) == (100 + 9 * 3072 + 8, 10)
     assert plan.allocated_cells == 27_904  # 27,756 padded up to a multiple of 256
     assert plan.bytes == plan.allocated_cells * 56 * 1024
-    baseline = plan_cache(QWEN_7B, prompt_tokens=100, max_tokens=3072, chains=8, round_width=0)
+    baseline = plan_cache(QWEN_7B, prompt_tokens=100, max_tokens=3072, chains=8, slots_per_chain=1)
     assert (baseline.cells, baseline.slots) == (100 + 8 * 3072 + 8, 9)
     assert CachePlan(6152, 10, 72 * 1024, "f16").describe() == (
         "KV cache: 6,152 cells (6,400 allocated) × 72 KiB = 450 MiB (f16), 10 sequences"
@@ -376,9 +376,9 @@ def llama_cpp_kv_report(path: Path, cells: int, slots: int, cache_type: str,
 
 
 def assert_estimate_matches(path: Path, monkeypatch: pytest.MonkeyPatch, cache_type: str, prompt: int,
-                            max_tokens: int, chains: int, round_width: int) -> None:
+                            max_tokens: int, chains: int, slots_per_chain: int) -> None:
     shape = KvShape.from_metadata(read_metadata(path))
-    plan = plan_cache(shape, prompt, max_tokens, chains, round_width, cache_type)
+    plan = plan_cache(shape, prompt, max_tokens, chains, slots_per_chain, cache_type)
     reports, n_ctx = llama_cpp_kv_report(path, plan.cells, plan.slots, cache_type, monkeypatch)
     assert plan.allocated_cells == n_ctx
     assert all(report_cells == n_ctx for _, report_cells, _ in reports)  # swa_full: every cache full size
@@ -390,8 +390,8 @@ def assert_estimate_matches(path: Path, monkeypatch: pytest.MonkeyPatch, cache_t
 
 def test_estimate_matches_llama_cpp_for_the_tiny_model(tiny_gguf, monkeypatch):
     # Large enough that two decimals of MiB pin the size down to 0.03 %.
-    assert_estimate_matches(tiny_gguf, monkeypatch, "f16", prompt=5, max_tokens=3000, chains=3, round_width=8)
-    assert_estimate_matches(tiny_gguf, monkeypatch, "f16", prompt=5, max_tokens=300, chains=3, round_width=0)
+    assert_estimate_matches(tiny_gguf, monkeypatch, "f16", prompt=5, max_tokens=3000, chains=3, slots_per_chain=9)
+    assert_estimate_matches(tiny_gguf, monkeypatch, "f16", prompt=5, max_tokens=300, chains=3, slots_per_chain=1)
 
 
 @pytest.mark.skipif("q8_0" not in ENGINE_CACHE_TYPES, reason="the engine allocates f16 caches only")
@@ -422,4 +422,4 @@ def test_gemma_reads_fast_and_passes(gemma):
 def test_estimate_matches_llama_cpp_for_gemma(gemma, monkeypatch, cache_type):
     # The README's settings: 2,319 cells, past the 512-token sliding window, so the SWA
     # layers' cache would be smaller without swa_full.
-    assert_estimate_matches(gemma, monkeypatch, cache_type, prompt=7, max_tokens=256, chains=1, round_width=8)
+    assert_estimate_matches(gemma, monkeypatch, cache_type, prompt=7, max_tokens=256, chains=1, slots_per_chain=9)

@@ -104,6 +104,19 @@ def test_completion_with_power_settings_as_extra_body(client):
     assert again.choices[0].text == choice.text  # the same seed, the same sample
 
 
+@pytest.mark.parametrize("method, extra", [("smc", {"particles": 4, "alpha_ramp": 2}),
+                                           ("ppt", {"ladder": [1, 2], "alpha": 2, "block_size": 4, "mcmc_steps": 2})])
+def test_the_other_samplers_of_p_alpha_as_extra_body(client, method, extra):
+    response = client.completions.create(model=MODEL_ID, prompt="yes no", max_tokens=8, seed=3,
+                                         extra_body={"method": method, **extra})
+    stats = response.model_extra["ps_local"]["samples"][0]
+    assert stats["method"] == method
+    if method == "smc":
+        assert stats["particles"] == 4 and stats["ess_min"] >= 1
+    else:
+        assert stats["ladder"] == [1, 2] and len(stats["swap_acceptance"]) == 1
+
+
 def test_n_samples_and_default_length(client):
     response = client.completions.create(model=MODEL_ID, prompt="no", n=3, seed=1)
     assert [c.index for c in response.choices] == [0, 1, 2]
@@ -173,6 +186,9 @@ def test_chat_streaming(client):
     ({"prompt": "yes", "max_tokens": 1000}, 400, "exceeds"),
     ({"prompt": [1, 10**9]}, 400, "token ids"),
     ({"prompt": "yes", "model": "gpt-4"}, 404, "does not exist"),
+    ({"prompt": "yes", "method": "ppt", "ladder": [1, 2]}, 400, "ladder must end at alpha 4"),
+    ({"prompt": "yes", "method": "ppt", "ladder": ["hot", 4]}, 400, "ladder must be a list of numbers"),
+    ({"prompt": "yes", "method": "smc", "alpha_ramp": -2}, 400, "alpha_ramp"),
 ])
 def test_bad_requests_get_an_openai_error_body(server, body, status, fragment):
     code, reply = post(server[0], "/v1/completions", body)

@@ -9,15 +9,17 @@ Each sampler run is a generator that yields decode requests and receives logits 
     stops.py     stop strings, absorbing ends like EOS
     mh.py        block-wise Metropolis-Hastings (Algorithm 1) and the plain-decoding baselines
     smc.py       Power-SMC: particles, weights, systematic resampling
+    ppt.py       parallel power tempering: MH replicas on a ladder of alphas, with swaps
 """
 
 from __future__ import annotations
 
 from ..settings import SamplingSettings
 from .mh import Chain
+from .ppt import PptRun
 from .smc import SmcRun
 
-RUNS = {"smc": SmcRun}  # every other method is a Chain (MH, or a plain decode for the baselines)
+RUNS = {"smc": SmcRun, "ppt": PptRun}  # every other method is a Chain (MH, or a plain decode for the baselines)
 
 
 def run_class(settings: SamplingSettings) -> type:
@@ -26,8 +28,10 @@ def run_class(settings: SamplingSettings) -> type:
 
 
 def slots_per_chain(settings: SamplingSettings, max_round_width: int) -> int:
-    """Engine slots one run uses: a chain's sequence plus one per proposal in a round; one per
-    SMC particle."""
+    """Engine slots one run uses: a chain's sequence plus one per proposal in a round (for each
+    PPT replica); one per SMC particle."""
     if settings.method == "smc":
         return settings.particles
+    if settings.method == "ppt":
+        return len(settings.power_ladder) * (1 + max_round_width)
     return 1 + max_round_width if settings.steps_per_block else 1

@@ -3,7 +3,8 @@
 Standard fields: ``model``, ``prompt`` / ``messages``, ``max_tokens`` (``max_completion_tokens``),
 ``stop``, ``seed``, ``n``, ``stream``, ``temperature`` (for the baselines). ps-local's own travel
 as extra body fields (the ``openai`` client's ``extra_body``): ``method``, ``alpha``,
-``block_size``, ``mcmc_steps``, ``proposal_temp``. Fields a client sends by habit but ps-local
+``block_size``, ``mcmc_steps``, ``proposal_temp``, and per method ``particles``, ``ess_threshold``,
+``alpha_ramp`` (smc) and ``ladder`` (ppt). Fields a client sends by habit but ps-local
 does not implement (``top_p``, penalties, ...) are accepted and ignored only at their neutral
 values; any other value is refused rather than silently not honoured.
 """
@@ -19,7 +20,7 @@ from ..settings import METHODS, SamplingSettings
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and llama-cpp-python's default for /v1/completions
 MAX_N = 64
 PS_LOCAL_FIELDS = {"method": str, "alpha": float, "block_size": int, "mcmc_steps": int, "proposal_temp": float,
-                   "particles": int, "ess_threshold": float}
+                   "particles": int, "ess_threshold": float, "alpha_ramp": int, "ladder": list}
 # Standard fields without an effect here, accepted at their neutral values.
 NEUTRAL = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": None, "echo": False,
            "best_of": 1, "logit_bias": None, "user": None, "suffix": None, "stream_options": None,
@@ -98,6 +99,8 @@ def parse(body: Any, chat: bool, model_id: str, default_method: str) -> Sampling
         stop=_stops(body),
         particles=_typed(body, "particles", int, defaults.particles),
         ess_threshold=_typed(body, "ess_threshold", float, defaults.ess_threshold),
+        smc_ramp=_typed(body, "alpha_ramp", int, defaults.smc_ramp),
+        ladder=_ladder(body),
     )
     try:
         settings.validate()
@@ -120,6 +123,15 @@ def _typed(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
         raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a ' + kind.__name__}, "
                             f"got {value!r}", name)
     return value
+
+
+def _ladder(body: dict[str, Any]) -> tuple[float, ...] | None:
+    ladder = _typed(body, "ladder", list, None)
+    if ladder is None:
+        return None
+    if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in ladder):
+        raise ApiError(400, "ladder must be a list of numbers (the replicas' alphas, rising to alpha)", "ladder")
+    return tuple(float(a) for a in ladder)
 
 
 def _stops(body: dict[str, Any]) -> tuple[str, ...]:

@@ -49,7 +49,7 @@ def load_for_serving(model: str, runtime: dict[str, Any]) -> Any:
     session.options = replace(session.options, round_width=width)
     # A request's prompt and completion fit --ctx, so a chain's sequence and each of its
     # proposals hold at most ctx cells; each request's prompt takes a sequence of its own.
-    plan = plan_cache(session.kv_shape, 0, ctx, chains, width, session.options.cache_type)
+    plan = plan_cache(session.kv_shape, 0, ctx, chains, 1 + width, session.options.cache_type)
     plan = replace(plan, slots=min(MAX_SEQUENCES, chains + plan.slots))
     session.reserve(plan.cells, plan.slots)
     return loaded, plan
