@@ -72,6 +72,8 @@ class Model:
             settings["stop"] = (settings["stop"],)
         elif "stop" in settings:
             settings["stop"] = tuple(settings["stop"] or ())
+        if settings.get("ladder") is not None:
+            settings["ladder"] = tuple(settings["ladder"])
         return check_request(SamplingSettings(method=method, **settings), 1)
 
     def tokens(self, prompt: str | Sequence[int], chat: bool = False, system: str | None = None,
@@ -121,10 +123,11 @@ class Model:
     ) -> list[Sample]:
         """Draw ``n`` independent samples of one prompt.
 
-        ``method``: ``power`` (block-wise MH on p^alpha), ``smc`` (Power-SMC), ``low-temp``
-        (temperature 1/alpha), ``standard`` or ``greedy``. Settings as keywords: ``alpha``,
-        ``max_tokens``, ``block_size``, ``mcmc_steps``, ``proposal_temp``, ``particles``,
-        ``ess_threshold``, ``stop`` (a string or a list),
+        ``method``: ``power`` (block-wise MH on p^alpha), ``smc`` (Power-SMC), ``ppt``
+        (parallel power tempering), ``low-temp`` (temperature 1/alpha), ``standard`` or
+        ``greedy``. Settings as keywords: ``alpha``, ``max_tokens``, ``block_size``,
+        ``mcmc_steps``, ``proposal_temp``, ``particles``, ``ess_threshold``, ``smc_ramp``,
+        ``ladder``, ``stop`` (a string or a list),
         ``seed`` (or all of them as one ``settings=SamplingSettings(...)``). ``prompt`` is
         text or token ids. ``chat`` renders the prompt with the GGUF's chat template (``system``: its
         system message). ``progress`` is called as MH steps finish, ``on_sample(i, sample)``

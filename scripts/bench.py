@@ -4,10 +4,14 @@
 Rows: ps-local as shipped; the same chain decoding one proposal at a time with and without
 exact early rejection; the reference implementation's strategy (prompt and kept prefix
 re-evaluated for every proposal); plain decoding of as many tokens as a power run decoded
-(the sequential limit); standard sampling of T_max tokens; and -n 8 against 8 single runs.
+(the sequential limit); standard sampling of T_max tokens; -n 8 against 8 single runs; and the
+three samplers of p^alpha side by side: MH, Power-SMC with 8 and 16 particles, parallel power
+tempering with 4 replicas. Last, the cost of one batched decode of n = 1 ... 32 sequences on
+this machine, which decides what SMC's and PPT's batches cost here.
 
-    python scripts/bench.py                 # Gemma 3 270M, 2 threads, α=4, B=128, N=10, T_max=512
-    python scripts/bench.py --json          # the same figures as JSON
+    python scripts/bench.py                  # Gemma 3 270M, 2 threads, α=4, B=128, N=10, T_max=512
+    python scripts/bench.py --only samplers  # MH, SMC, PPT, standard sampling and the batch curve
+    python scripts/bench.py --json           # the same figures as JSON
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ps_local.samplers import slots_per_chain
 from ps_local.scheduler import sample
 from ps_local.settings import Sample, SamplingSettings
 
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 PROMPT = "Chapter 1\n\nThe old lighthouse keeper had not spoken to anyone in eleven years. "
 
 
@@ -113,11 +118,33 @@ def run_power(engine, prompt, settings, num_samples=1, round_width=1, name="") -
             "stop_reasons": sorted({s.stats.stop_reason for s in samples}),
             "generated_tokens": sum(len(s.tokens) for s in samples),
             "reused_tokens": sum(s.stats.reused_tokens for s in samples),
+            "particle_tokens": sum(s.stats.particle_tokens or 0 for s in samples),
+            "swap_acceptance": samples[0].stats.swap_acceptance,
         },
     )
     if getattr(engine, "tokens_reevaluated", 0):
         row.tokens_decoded += engine.tokens_reevaluated
     return row, samples
+
+
+def batch_cost(engine: LlamaEngine, prompt: list[int], sizes: Sequence[int], repeats: int = 12) -> dict[int, float]:
+    """Median seconds of one llama_decode over n sequences, each appending one token."""
+    engine.allocate(len(prompt) + (max(sizes) + 1) * (repeats + 2) + 8, max(sizes) + 1)
+    costs = {}
+    for size in sizes:
+        engine.reset()
+        (row,) = engine.decode([(0, prompt)])
+        for slot in range(1, size + 1):
+            engine.copy_prefix(0, slot, len(prompt))
+        token = int(row.argmax())
+        engine.decode([(slot, [token]) for slot in range(1, size + 1)])  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            engine.decode([(slot, [token]) for slot in range(1, size + 1)])
+            times.append(time.perf_counter() - started)
+        costs[size] = float(np.median(times))
+    return costs
 
 
 def plain_decoding(engine: LlamaEngine, prompt: list[int], count: int, segment: int) -> Row:
@@ -138,6 +165,58 @@ def plain_decoding(engine: LlamaEngine, prompt: list[int], count: int, segment: 
     return Row("plain decoding, same token count (sequential limit)", time.perf_counter() - started, count)
 
 
+def samplers_of_p_alpha(engine: LlamaEngine, prompt: list[int], settings: SamplingSettings, batch_width: int,
+                        log, measured: dict[str, Row]) -> dict[str, Row]:
+    """MH (as shipped), Power-SMC with 8 and 16 particles and PPT with 4 replicas, at the same
+    alpha and length, and standard sampling: the comparison the README's method guide rests on.
+    ``measured``: rows of this run already taken ("mh", "standard"), not run again."""
+    rows: dict[str, Row] = dict(measured)
+    if "mh" not in rows:
+        log("samplers of p^alpha: MH ...")
+        rows["mh"], _ = run_power(engine, prompt, settings, round_width=batch_width,
+                                  name=f"MH (power), B={settings.block_size}, N={settings.mcmc_steps}")
+    for particles in (8, 16):
+        log(f"samplers of p^alpha: SMC, {particles} particles ...")
+        smc = SamplingSettings(**{**settings.__dict__, "method": "smc", "particles": particles})
+        rows[f"smc{particles}"], _ = run_power(engine, prompt, smc, name=f"Power-SMC, N={particles}")
+    log("samplers of p^alpha: PPT, 4 replicas ...")
+    ppt = SamplingSettings(**{**settings.__dict__, "method": "ppt"})
+    width = max(1, batch_width // len(ppt.power_ladder))  # the session's default: a batch of about 8
+    rows["ppt4"], _ = run_power(engine, prompt, ppt, round_width=width,
+                                name=f"PPT, K=4 (ladder {','.join(f'{a:.3g}' for a in ppt.power_ladder)})")
+    if "standard" not in rows:
+        log("samplers of p^alpha: standard sampling ...")
+        rows["standard"], _ = run_power(engine, prompt, SamplingSettings(**{**settings.__dict__, "method": "standard"}),
+                                        name="standard sampling, T_max tokens")
+    return rows
+
+
+def print_samplers(rows: dict[str, Row], costs: dict[int, float]) -> None:
+    standard, mh = rows["standard"].wall_s, rows["mh"].wall_s
+    print("| sampler | wall s | tokens decoded | decoded per output token | cost multiple (× plain decoding) | × MH |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for key in ("mh", "smc8", "smc16", "ppt4", "standard"):
+        row = rows[key]
+        per_token = row.tokens_decoded / max(1, row.extra["generated_tokens"])
+        print(f"| {row.name} | {row.wall_s:.1f} | {row.tokens_decoded} | {per_token:.2f} | "
+              f"{row.wall_s / standard:.2f}× | {row.wall_s / mh:.2f}× |")
+    print()
+    for particles in (8, 16):
+        extra = rows[f"smc{particles}"].extra
+        print(f"- SMC N={particles}: {rows[f'smc{particles}'].tokens_decoded} tokens decoded for "
+              f"{extra['particle_tokens']} particle tokens (identical prefixes share batch entries: "
+              f"{extra['particle_tokens'] / max(1, rows[f'smc{particles}'].tokens_decoded):.1f}× fewer)")
+    swaps = rows["ppt4"].extra["swap_acceptance"] or []
+    print(f"- PPT swap acceptance per adjacent pair: {', '.join(f'{rate:.0%}' for rate in swaps)}")
+    print()
+    print("One llama_decode of n sequences, each appending one token (median of 12):\n")
+    print("| n | " + " | ".join(str(n) for n in costs) + " |")
+    print("|---|" + "---:|" * len(costs))
+    print("| ms per decode | " + " | ".join(f"{1000 * c:.1f}" for c in costs.values()) + " |")
+    print("| tokens/s | " + " | ".join(f"{n / c:.0f}" for n, c in costs.items()) + " |")
+    print("| × one sequence's cost | " + " | ".join(f"{c / costs[1]:.2f}" for c in costs.values()) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="GGUF file [default: the demo model, Gemma 3 270M]")
@@ -150,6 +229,7 @@ def main() -> None:
     parser.add_argument("--round-width", type=int, default=8, help="proposals per batched MH round (shipped: 8)")
     parser.add_argument("--n8-max-tokens", type=int, default=128, help="T_max of the -n 8 comparison")
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--only", choices=["samplers"], help="only MH, SMC, PPT, standard sampling and the batch curve")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -162,6 +242,19 @@ def main() -> None:
     )
     sequential = SamplingSettings(**{**settings.__dict__, "early_rejection": False, "reuse_tables": False})
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    if args.only == "samplers":
+        samplers = samplers_of_p_alpha(engine, prompt, settings, args.round_width, log, {})
+        log("batched decode cost ...")
+        costs = batch_cost(engine, prompt, BATCH_SIZES)
+        if args.json:
+            print(json.dumps({"settings": vars(args) | {"model": str(model)}, "batch_cost_s": costs,
+                              "samplers": {key: row.__dict__ for key, row in samplers.items()}}, indent=2, default=str))
+            return
+        print(f"Model {model.name}, {args.threads} threads, α={args.alpha:g}, B={args.block_size}, "
+              f"N={args.mcmc_steps}, T_max={args.max_tokens}, seed {args.seed}\n")
+        print_samplers(samplers, costs)
+        return
 
     rows: dict[str, Row] = {}
     log("power, as shipped ...")
@@ -195,6 +288,11 @@ def main() -> None:
                                 sum(r.wall_s for r in singles), sum(r.tokens_decoded for r in singles),
                                 sum(r.tokens_reevaluated for r in singles), sum(r.mh_steps for r in singles), 8)
 
+    samplers = samplers_of_p_alpha(engine, prompt, settings, args.round_width, log,
+                                   {"mh": rows["shipped"], "standard": rows["standard"]})
+    log("batched decode cost ...")
+    costs = batch_cost(engine, prompt, BATCH_SIZES)
+
     seconds_per_token = rows["limit"].wall_s / rows["limit"].tokens_decoded
     standard_wall = rows["standard"].wall_s
     figures = {
@@ -207,7 +305,8 @@ def main() -> None:
     }
     if args.json:
         print(json.dumps({"settings": vars(args) | {"model": str(model)}, "figures": figures,
-                          "rows": {key: row.__dict__ for key, row in rows.items()}}, indent=2, default=str))
+                          "rows": {key: row.__dict__ for key, row in rows.items()}, "batch_cost_s": costs,
+                          "samplers": {key: row.__dict__ for key, row in samplers.items()}}, indent=2, default=str))
         return
 
     print(f"Model {model.name}, {args.threads} threads, α={args.alpha:g}, B={args.block_size}, "
@@ -230,6 +329,8 @@ def main() -> None:
     print(f"- single chain, shipped vs sequential chain: {figures['single_chain_speedup']:.2f}× faster")
     print(f"- -n 8 batched vs 8 single runs: {figures['n8_speedup']:.2f}× the samples per second")
     print(f"- reference strategy vs sequential chain: {figures['reference_slowdown']:.2f}× slower")
+    print("\nThe samplers of p^α at the same α and T_max:\n")
+    print_samplers(samplers, costs)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,16 @@ def test_hot_replicas_speed_up_a_slowly_mixing_chain(tmp_path):
         plain = ppt_samples(engine, prompt, seed=4, method="power")
     noise = tv_bound(exact.power(ALPHA), CHAINS)  # what sampling noise can move each TV by
     assert tv(exact, plain) > tv(exact, tempered) + 2 * noise, (tv(exact, plain), tv(exact, tempered))
+
+
+def test_ppt_and_smc_through_the_python_api(tiny_gguf):
+    import ps_local
+
+    with ps_local.load(str(tiny_gguf), threads=2) as model:
+        (tempered,) = model.generate("yes no", method="ppt", ladder=[1, 2, 4], max_tokens=6, block_size=3,
+                                     mcmc_steps=2, seed=1)
+        (particle,) = model.generate("yes no", method="smc", particles=6, smc_ramp=3, max_tokens=6, seed=1)
+        with pytest.raises(ps_local.UserError, match="must end at --alpha"):
+            model.generate("yes no", method="ppt", ladder=[1, 2], max_tokens=6)
+    assert tempered.stats.ladder == [1, 2, 4] and len(tempered.stats.swap_acceptance) == 2
+    assert particle.stats.particles == 6
