@@ -297,8 +297,9 @@ class LlamaEngine:
                 raise EngineError("decode needs at least one token")
             slots = slot if isinstance(slot, tuple) else (slot,)
             position = self._lengths[slots[0]]
-            if any(self._lengths[s] != position for s in slots):
-                raise EngineError(f"slots {slots} share a decode but hold {[self._lengths[s] for s in slots]} positions")
+            if len(set(slots)) != len(slots) or any(self._lengths[s] != position for s in slots):
+                raise EngineError(f"slots {slots} cannot share a decode: each must appear once, all holding one "
+                                  f"length (they hold {[self._lengths[s] for s in slots]} positions)")
             for offset, token in enumerate(tokens):
                 if used == self.n_batch:
                     self._run(used, pending, rows)

@@ -30,7 +30,7 @@ import numpy as np
 from .errors import UserError
 from .protocol import DecodeRequest, Engine
 from .samplers import run_class, slots_per_chain
-from .samplers.base import ChainRun, ProgressCallback, TokenCallback, chain_seeds
+from .samplers.base import ChainRun, ProgressCallback, RunSpec, TokenCallback, chain_seeds
 from .settings import Sample, SamplingSettings
 from .samplers.stops import StopMatcher
 
@@ -350,9 +350,9 @@ class Scheduler:
         self._reserve(job.chain_cells)
         for slot in slots:
             self.engine.copy_prefix(admission.prompt_slot, slot, len(job.prompt))  # type: ignore[arg-type]
-        kind = run_class(job.settings)
-        chain = kind(self.engine, job.settings, job.prompt, slots, job.settings.seed, admission.seeds[index],
-                     admission.stops, index, job.progress, max(1, job.round_width), job.on_token)
+        spec = RunSpec(self.engine, job.settings, job.prompt, slots, job.settings.seed, admission.seeds[index],  # type: ignore[arg-type]
+                       admission.stops, index, job.progress, max(1, job.round_width), job.on_token)
+        chain = run_class(job.settings)(spec)
         admission.running += 1
         running = _Running(job, index, slots, chain.run(admission.prompt_logits.copy()), [])  # type: ignore[union-attr]
         self._running.append(running)

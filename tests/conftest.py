@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import math
+
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +21,16 @@ def write_tiny_model(path: Path, *extra: str) -> Path:
         capture_output=True,
     )
     return path
+
+
+def llama_scratch_logprobs(engine, prompt: list[int], tokens: list[int]) -> list[float]:
+    """log p of each of ``tokens`` after ``prompt``, decoded from scratch one token at a time in
+    slot 0 of a llama.cpp engine (which is emptied first)."""
+    engine.reset()
+    rows = [engine.decode([(0, prompt)])[0]]
+    rows += [engine.decode([(0, [token])])[0] for token in tokens[:-1]]
+    return [float(row[t] - row.max() - math.log(np.exp(row.astype(np.float64) - row.max()).sum()))
+            for row, t in zip(rows, tokens)]
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from ps_local.scheduler import sample
 from ps_local.settings import Sample, SamplingSettings
 from ps_local.toy_engine import ToyEngine
 
-from conftest import write_tiny_model
+from conftest import llama_scratch_logprobs, write_tiny_model
 
 
 def flat_toy(n_vocab: int = 300, scale: float = 0.3) -> ToyEngine:
@@ -129,13 +129,8 @@ def test_table_misses_on_llama_cpp(wide_gguf, table_size, round_width):
         engine.allocate(len(prompt) + (1 + round_width) * chosen.max_tokens * chains + 8, 1 + (1 + round_width) * chains)
         samples = sample(engine, prompt, chosen, chains, chains_per_batch=chains, max_round_width=round_width)
         assert sum(s.stats.tokens_reevaluated for s in samples) > 0
-        for result in samples:
-            # From scratch: the whole sequence in one fresh slot.
-            engine.reset()
-            rows = [engine.decode([(0, prompt)])[0]]
-            rows += [engine.decode([(0, [token])])[0] for token in result.tokens[:-1]]
-            expected = [float(row[t] - row.max() - math.log(np.exp(row.astype(np.float64) - row.max()).sum()))
-                        for row, t in zip(rows, result.tokens)]
+        for result in samples:  # each token scored from scratch, the whole sequence in one fresh slot
+            expected = llama_scratch_logprobs(engine, prompt, result.tokens)
             np.testing.assert_allclose(result.logprobs, expected, atol=1e-3)
 
 

@@ -5,8 +5,6 @@ chain at tau = 1/alpha mixes slowly, the hot replicas help."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 

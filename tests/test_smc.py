@@ -17,7 +17,7 @@ from ps_local.settings import Sample, SamplingSettings
 from ps_local.samplers.smc import effective_sample_size, systematic_ancestors
 from ps_local.toy_engine import ToyEngine
 
-from conftest import write_tiny_model
+from conftest import llama_scratch_logprobs, write_tiny_model
 
 ALPHA = 4.0
 MAX_TOKENS = 3
@@ -190,10 +190,6 @@ def test_shared_entries_score_tokens_in_their_own_context_on_llama_cpp(wide_gguf
         engine.allocate(len(prompt) + 12 * 10 * 2 + 8, 1 + 12 * 2)
         samples = sample(engine, prompt, settings, 4, chains_per_batch=2)
         assert sum(s.stats.resamples for s in samples) > 0
-        for result in samples:
-            engine.reset()
-            rows = [engine.decode([(0, prompt)])[0]]
-            rows += [engine.decode([(0, [token])])[0] for token in result.tokens[:-1]]
-            expected = [float(row[t] - row.max() - math.log(np.exp(row.astype(np.float64) - row.max()).sum()))
-                        for row, t in zip(rows, result.tokens)]
+        for result in samples:  # each token scored from scratch, the whole sequence in one fresh slot
+            expected = llama_scratch_logprobs(engine, prompt, result.tokens)
             np.testing.assert_allclose(result.logprobs, expected, atol=1e-3)

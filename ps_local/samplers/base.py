@@ -10,7 +10,7 @@ from typing import Any, Callable, Generator, Sequence
 import numpy as np
 
 from ..protocol import DecodeRequest, Engine
-from ..settings import Sample, SampleStats
+from ..settings import Sample, SampleStats, SamplingSettings
 from .stops import StopMatcher
 
 # A chain yields the decode requests it needs next and receives one logits row for each.
@@ -32,6 +32,25 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], None]
 TokenCallback = Callable[[int, list[int]], None]  # (chain, its tokens so far)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a driver (the scheduler) hands a sampler run: every slot in ``slots`` already holds
+    the prompt. ``seed`` is the request's (reported in the stats), ``chain_seed`` this run's own
+    (its random streams); ``index`` is its number among the request's samples."""
+
+    engine: Engine
+    settings: SamplingSettings
+    prompt: list[int]
+    slots: list[int]
+    seed: int
+    chain_seed: int
+    stops: StopMatcher
+    index: int = 0
+    progress: ProgressCallback | None = None
+    round_width: int = 1  # MH proposals decoded together (a speed setting only)
+    on_token: TokenCallback | None = None  # plain decoding only: (index, tokens so far) as drawn
 
 
 class CacheInvariantError(RuntimeError):

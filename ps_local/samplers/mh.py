@@ -14,12 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..protocol import DecodeRequest, Engine
-from ..settings import Sample, SampleStats, SamplingSettings
-from .base import (CacheInvariantError, ChainRun, Progress, ProgressCallback, TokenCallback, check_cache, ending,
-                   finished_sample)
+from ..protocol import DecodeRequest
+from ..settings import Sample, SampleStats
+from .base import CacheInvariantError, ChainRun, Progress, RunSpec, check_cache, ending, finished_sample
 from .proposal import Rung, TokenDraw, TokenSampler, TokenTable
-from .stops import StopMatcher
 from .streams import Streams
 
 PAUSE_EVERY = 32  # MH rounds without a decode after which a chain yields to its driver
@@ -122,39 +120,25 @@ class Chain:
     plus the trajectory's first ``cached`` tokens. Every decode request checks it.
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        settings: SamplingSettings,
-        prompt: Sequence[int],
-        slots: Sequence[int],
-        seed: int,
-        chain_seed: int,
-        stop_matcher: StopMatcher,
-        index: int = 0,
-        progress: ProgressCallback | None = None,
-        max_round_width: int = 1,
-        on_token: TokenCallback | None = None,
-        rungs: Sequence[Rung] = (),
-        rung: int = 0,
-    ):
+    def __init__(self, spec: RunSpec, rungs: Sequence[Rung] = (), rung: int = 0):
         """``rungs``, ``rung``: the (alpha, temperature) of every replica of a tempering ladder
         this chain is replica ``rung`` of (samplers.ppt); its sequences then carry every rung's
         weights."""
+        settings, engine = spec.settings, spec.engine
         self.engine = engine
         # Only a plain decode's tokens are final as they are drawn: a later MH step may change
         # any token of a power sample, so those are never reported early.
-        self.on_token = on_token if settings.steps_per_block == 0 else None
-        self.max_round_width = max_round_width
+        self.on_token = spec.on_token if settings.steps_per_block == 0 else None
+        self.max_round_width = spec.round_width
         self.settings = settings
-        self.prompt = list(prompt)
-        self.slots = list(slots)  # the first holds the initial sequence; 1 + max round width
+        self.prompt = list(spec.prompt)
+        self.slots = list(spec.slots)  # the first holds the initial sequence; 1 + max round width
         # Slot 0 for the block extensions, one per proposal of a round after it.
-        self.streams = Streams(chain_seed, 1 + max_round_width)
+        self.streams = Streams(spec.chain_seed, 1 + spec.round_width)
         self.rng: np.random.Generator  # the extension stream of the block being grown: set in run_block()
-        self.stops = stop_matcher
-        self.index = index
-        self.progress = progress
+        self.stops = spec.stops
+        self.index = spec.index
+        self.progress = spec.progress
         self.temperature = settings.temperature
         self.token_sampler = TokenSampler(engine.n_vocab, self.temperature, settings.alpha, settings.table_size,
                                           rungs, rung)
@@ -172,8 +156,8 @@ class Chain:
             alpha=settings.alpha,
             block_size=settings.effective_block_size,
             mcmc_steps=settings.steps_per_block,
-            seed=seed,
-            chain=index,
+            seed=spec.seed,
+            chain=spec.index,
             prompt_tokens=len(self.prompt),
         )
         self._start = time.perf_counter()

@@ -22,15 +22,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
-from typing import Sequence
 
 import numpy as np
 
-from ..protocol import Engine
-from ..settings import Sample, SamplingSettings
-from .base import ChainRun, ProgressCallback, TokenCallback, chain_seeds, finished_sample, lockstep
+from ..settings import Sample
+from .base import ChainRun, RunSpec, chain_seeds, finished_sample, lockstep
 from .mh import Chain, Trajectory
-from .stops import StopMatcher
 from .streams import Streams
 
 SWAP_STREAM = 3  # stream (kind, block): the uniforms of the swap sweep after that block
@@ -44,37 +41,26 @@ class PptRun:
     """One PPT run over ``len(slots)`` slots, split evenly among the replicas; each slot already
     holds the prompt."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        settings: SamplingSettings,
-        prompt: Sequence[int],
-        slots: Sequence[int],
-        seed: int,
-        chain_seed: int,
-        stop_matcher: StopMatcher,
-        index: int = 0,
-        progress: ProgressCallback | None = None,
-        max_round_width: int = 1,
-        on_token: TokenCallback | None = None,  # unused: no replica's text is final early
-    ):
-        self.engine = engine
+    def __init__(self, spec: RunSpec):
+        settings = spec.settings
+        self.engine = spec.engine
         self.settings = settings
-        self.prompt = list(prompt)
-        self.stops = stop_matcher
+        self.prompt = list(spec.prompt)
+        self.stops = spec.stops
         self.ladder = settings.power_ladder
         rungs = [(alpha, 1.0 / alpha) for alpha in self.ladder]
         count = len(self.ladder)
-        per_replica = len(slots) // count
-        seeds = chain_seeds(chain_seed, count)
+        per_replica = len(spec.slots) // count
+        seeds = chain_seeds(spec.chain_seed, count)
         # Replica k is the plain MH chain at alpha_k; only the alpha replica reports progress.
         self.replicas = [
-            Chain(engine, replace(settings, method="power", alpha=alpha), prompt,
-                  slots[k * per_replica : (k + 1) * per_replica], seed, seeds[k], stop_matcher, index,
-                  progress if k == count - 1 else None, max_round_width, rungs=rungs, rung=k)
+            Chain(replace(spec, settings=replace(settings, method="power", alpha=alpha),
+                          slots=spec.slots[k * per_replica : (k + 1) * per_replica], chain_seed=seeds[k],
+                          progress=spec.progress if k == count - 1 else None, on_token=None),
+                  rungs=rungs, rung=k)
             for k, alpha in enumerate(self.ladder)
         ]
-        self.streams = Streams(chain_seed, 1)
+        self.streams = Streams(spec.chain_seed, 1)
         self.swaps_proposed = np.zeros(count - 1, dtype=int)
         self.swaps_accepted = np.zeros(count - 1, dtype=int)
         self._start = time.perf_counter()

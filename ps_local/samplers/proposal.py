@@ -59,6 +59,7 @@ class TokenTable:
         """(cumulative weights, the row's total weight) of this position's proposal at ``rung``."""
         if rung == self.rung:
             return self.cumulative, self.total
+        assert self.log_totals is not None, "a table built without a ladder serves its own rung only"
         cumulative = self._other_rungs.get(rung)
         if cumulative is None:
             weights = np.exp(np.multiply(self.shifted, np.float32(1.0 / temperature)))
@@ -106,6 +107,7 @@ class TokenSampler:
     def retargeted(self, temperature: float, alpha: float) -> "TokenSampler":
         """A sampler of another temperature and alpha sharing this one's buffers (draws are
         made one at a time, so they never need both at once)."""
+        assert not self.rungs, "a ladder's rungs fix each sampler's temperature and alpha"
         other = object.__new__(TokenSampler)
         other.__dict__.update(self.__dict__, temperature=temperature, alpha=alpha)
         return other

@@ -38,11 +38,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..protocol import DecodeRequest, Engine
-from ..settings import SampleStats, SamplingSettings
-from .base import ChainRun, ProgressCallback, TokenCallback, check_cache, ending, finished_sample
+from ..protocol import DecodeRequest
+from ..settings import SampleStats
+from .base import ChainRun, RunSpec, check_cache, ending, finished_sample
 from .proposal import Prepared, TokenSampler
-from .stops import StopMatcher
 from .streams import Streams
 
 DRAW_STREAM = 2  # stream (kind, t): every particle's uniform for its draw at token t, in particle order
@@ -102,35 +101,22 @@ def groups(particles: Sequence[Particle], by: str) -> list[list[int]]:
 class SmcRun:
     """One Power-SMC run over ``len(slots)`` particles; each slot already holds the prompt."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        settings: SamplingSettings,
-        prompt: Sequence[int],
-        slots: Sequence[int],
-        seed: int,
-        chain_seed: int,
-        stop_matcher: StopMatcher,
-        index: int = 0,
-        progress: ProgressCallback | None = None,
-        max_round_width: int = 1,  # unused: the scheduler's chain signature
-        on_token: TokenCallback | None = None,  # unused: no particle's text is final early
-    ):
+    def __init__(self, spec: RunSpec):
+        settings, engine = spec.settings, spec.engine
         self.engine = engine
         self.settings = settings
-        self.prompt = list(prompt)
-        self.slots = list(slots)
-        self.stops = stop_matcher
-        self.index = index
-        self.streams = Streams(chain_seed, 2)  # generator 0 for the draws, 1 for resampling choices
+        self.prompt = list(spec.prompt)
+        self.slots = list(spec.slots)
+        self.stops = spec.stops
+        self.streams = Streams(spec.chain_seed, 2)  # generator 0 for the draws, 1 for resampling choices
         self.base_sampler = TokenSampler(engine.n_vocab, settings.temperature, settings.alpha, settings.table_size)
         self.weighted = settings.smc_weights  # False only in the negative-control test
         # At tau = 1/alpha_t the weight does not depend on the token drawn.
         self.resample_first = settings.smc_resample_first and settings.proposal_temp is None
         self.share = settings.smc_shared_decode
         self.stats = SampleStats(method="smc", alpha=settings.alpha, block_size=settings.token_budget, mcmc_steps=0,
-                                 seed=seed, chain=index, prompt_tokens=len(self.prompt), particles=len(self.slots),
-                                 resamples=0, particle_tokens=0)
+                                 seed=spec.seed, chain=spec.index, prompt_tokens=len(self.prompt),
+                                 particles=len(self.slots), resamples=0, particle_tokens=0)
         # The population: particles, their log weights since the last resampling, and the
         # log-normalizer estimate of the generations before.
         self.particles: list[Particle] = []
@@ -219,7 +205,9 @@ class SmcRun:
                 particle.total_logp += draw.logp
                 if self.weighted and not self.resample_first:
                     self.log_w[number] += draw.log_weight  # alpha log p - log q
-                particle.key = fresh.setdefault(draw.token, self._new_key())
+                if draw.token not in fresh:
+                    fresh[draw.token] = self._new_key()
+                particle.key = fresh[draw.token]
                 particle.end = ending(self.engine, self.stops, particle.tokens)
                 if particle.end is not None:
                     particle.logits = None  # no further draws: let the row go
