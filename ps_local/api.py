@@ -159,7 +159,7 @@ class Model:
         chosen = self._chosen(method, settings, setting_values)
         concurrent = min(len(prompts) * n, self.session.options.chains_per_batch)
         tokens = [self.tokens(prompt, chat, system) for prompt in prompts]
-        self.session.make_room(sum(map(len, tokens)), chosen, concurrent)
+        self.session.make_room(sum(map(len, tokens)), [chosen], concurrent)
         jobs = []
         try:
             for number, prompt in enumerate(tokens):

@@ -171,12 +171,12 @@ class Session:
             self._ensure_capacity(plan)
             return self.scheduler.submit(job)
 
-    def make_room(self, prompt_tokens: int, settings: SamplingSettings | list[SamplingSettings], chains: int) -> None:
+    def make_room(self, prompt_tokens: int, settings: list[SamplingSettings], chains: int) -> None:
         """Grow the cache (when idle) for several prompts of ``prompt_tokens`` tokens in all and
-        ``chains`` chains at once, so that they all run together; with several settings (the
-        methods of an evaluation), for the most demanding of them."""
+        ``chains`` chains at once, so that they all run together, under the most demanding of
+        ``settings`` (an evaluation's methods)."""
         plans = []
-        for chosen in settings if isinstance(settings, list) else [settings]:
+        for chosen in settings:
             fitted, layout, _ = self._prepare([0], chosen, chains)
             plans.append(plan_cache(self.kv_shape, prompt_tokens, fitted.token_budget, layout.chains,
                                     layout.slots_per_chain, self.options.cache_type))

@@ -423,8 +423,11 @@ class Chain:
                 )
             )
 
+    def final_stats(self) -> SampleStats:
+        """The chain's statistics, with its acceptance rate, once its last step is taken."""
+        self.stats.acceptance_rate = self.stats.accepted / self.stats.mh_steps if self.stats.mh_steps else None
+        return self.stats
+
     def _finish(self, current: Trajectory) -> Sample:
-        stats = self.stats
-        stats.acceptance_rate = stats.accepted / stats.mh_steps if stats.mh_steps else None
         return finished_sample(self.engine, self.stops, self.prompt, current.tokens, current.logp, current.end,
-                               stats, self._start)
+                               self.final_stats(), self._start)

@@ -11,8 +11,8 @@ sequence is the sample. The run stops after the block in which that sequence end
 stop string), as Algorithm 1 does.
 
 Each replica's MH kernel leaves its own p^alpha_k invariant and each swap is an MH move on the
-product of the targets, so the alpha replica samples exactly what Algorithm 1 samples, mixing
-faster where the hot replicas help. A sequence moving to another rung needs that rung's MH
+product of the targets, so the alpha replica's samples converge to exactly what Algorithm 1's
+do (p^alpha with one block), faster where the hot replicas help. A sequence moving to another rung needs that rung's MH
 weights for its tokens: every draw scores its token for every rung (proposal.TokenSampler with
 rungs), and every stored table keeps each rung's normalizer.
 """
@@ -95,9 +95,7 @@ class PptRun:
             states[k + 1].retarget(k + 1)
 
     def _finish(self, state: Trajectory) -> Sample:
-        top = self.replicas[-1]
-        top.stats.acceptance_rate = top.stats.accepted / top.stats.mh_steps if top.stats.mh_steps else None
-        stats = replace(top.stats, method="ppt", alpha=self.settings.alpha, ladder=list(self.ladder),
+        stats = replace(self.replicas[-1].final_stats(), method="ppt", alpha=self.settings.alpha, ladder=list(self.ladder),
                         swap_acceptance=(self.swaps_accepted / np.maximum(self.swaps_proposed, 1)).tolist())
         for counter in COST_COUNTERS:
             setattr(stats, counter, sum(getattr(replica.stats, counter) for replica in self.replicas))

@@ -128,9 +128,8 @@ class TokenSampler:
         np.exp(shifted, out=weights)
         log_norm = math.log(float(weights.sum(dtype=np.float64)))
         if self.temperature != 1.0 and self.temperature != 0.0:
-            np.multiply(shifted, 1.0 / self.temperature, out=weights)
-            np.exp(weights, out=weights)
-        block_sums = padded.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)
+            _temper(shifted, self.temperature, weights)  # at temperature 1 the pass above gave them
+        block_sums = _block_sums(padded)
         return Prepared(shifted, padded, block_sums, log_norm, math.log(float(block_sums.sum())))
 
     def draw_prepared(self, prepared: Prepared, u: float) -> TokenDraw:
@@ -157,7 +156,7 @@ class TokenSampler:
         block_sums = prepared.block_sums
         if exclude is not None:
             self._weights[exclude.ids] = 0.0
-            block_sums = self._weights.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)
+            block_sums = _block_sums(self._weights)
             if not block_sums.sum() > 0:
                 # Rounding alone sent the draw outside a table that holds all the mass: draw
                 # inside it again (its most likely token if rounding strikes twice).
@@ -190,13 +189,8 @@ class TokenSampler:
                 totals[number] = prepared.log_total
                 continue
             # The same passes and the same summation order as that rung's own prepare().
-            weights = scratch[: self.n_vocab]  # type: ignore[index]
-            if temperature == 1.0:
-                np.exp(prepared.shifted, out=weights)
-            else:
-                np.multiply(prepared.shifted, 1.0 / temperature, out=weights)
-                np.exp(weights, out=weights)
-            totals[number] = math.log(float(scratch.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64).sum()))  # type: ignore[union-attr]
+            _temper(prepared.shifted, temperature, scratch[: self.n_vocab])  # type: ignore[index]
+            totals[number] = math.log(float(_block_sums(scratch).sum()))  # type: ignore[arg-type]
         return totals
 
     def _scored(self, token: int, shifted_token: float, log_norm: float, log_total: float,
@@ -235,6 +229,20 @@ class TokenSampler:
             # Rounding put the target past the block's last weight: take its last real token.
             offset = int(np.flatnonzero(weights[start : start + BLOCK])[-1])
         return start + offset
+
+
+def _temper(shifted: np.ndarray, temperature: float, out: np.ndarray) -> None:
+    """Proposal weights exp(shifted / temperature) into ``out`` (float32)."""
+    if temperature == 1.0:
+        np.exp(shifted, out=out)
+    else:
+        np.multiply(shifted, 1.0 / temperature, out=out)
+        np.exp(out, out=out)
+
+
+def _block_sums(padded: np.ndarray) -> np.ndarray:
+    """Sums of zero-padded weights per block of the two-level sampling (float64)."""
+    return padded.reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)
 
 
 def draw_token(logits: np.ndarray, temperature: float, alpha: float, rng: np.random.Generator) -> TokenDraw:

@@ -17,9 +17,10 @@ Consistent as N grows (bias O(1/N)), over sequences of at most max_tokens tokens
 code are in the project's docs/samplers.md.
 
 Two exact levers:
-- Particles that hold one same sequence (copies after a resampling, which at tau = 1/4 often draw
-  the same next token too) append their next token through one shared batch entry: a step costs
-  the number of distinct sequences, not N. They also share one softmax for their draws.
+- Particles that hold one same sequence (copies after a resampling, and at tau = 1/4 on a peaked
+  model even particles that never met, since they mostly draw the same tokens) append their next
+  token through one shared batch entry: a step costs the number of distinct sequences, not N.
+  They also share one softmax for their draws.
 - At tau = 1/alpha_t the weight of token t, log Z_t, is known before the token is drawn: the
   particles are weighted and resampled first, so the copies of a survivor draw their own next
   tokens (a fully adapted filter) instead of all carrying the one token their ancestor drew.
