@@ -64,15 +64,16 @@ def test_mixed_batches_give_each_job_its_own_samples(max_chains, slots, cells):
     most_chains = most_jobs = 0
     while scheduler.pending():
         scheduler.step()
-        most_chains = max(most_chains, len(scheduler._running))
-        most_jobs = max(most_jobs, len({id(running.job) for running in scheduler._running}))
-        assert scheduler._free_cells is None or scheduler._free_cells >= 0
+        most_chains = max(most_chains, scheduler.running_chains)
+        most_jobs = max(most_jobs, len(scheduler.running_jobs()))
+        scheduler.ledger.check()
     assert most_chains <= max_chains
     for job, work in zip(submitted, WORK):
         assert all(same(a, b) for a, b in zip(job.result(), alone(*work)))
     # Everything is given back once the cached prompts go: slots emptied, cells unreserved.
     scheduler.drop_prompt_cache()
-    assert sorted(scheduler._free_slots) == list(range(slots)) and scheduler._free_cells == cells
+    assert scheduler.ledger.free_slots == slots and scheduler.ledger.free_cells == cells
+    assert not scheduler.ledger.holders()
     assert all(engine.length(slot) == 0 for slot in range(slots))
     assert most_jobs >= 2  # chains of different jobs shared decodes
 
@@ -108,7 +109,7 @@ def test_a_cancelled_job_frees_its_slots_and_the_rest_go_on():
         first.result()
     assert all(same(a, b) for a, b in zip(second.result(), alone(*WORK[1])))
     scheduler.drop_prompt_cache()
-    assert sorted(scheduler._free_slots) == list(range(40))
+    assert scheduler.ledger.free_slots == 40 and not scheduler.ledger.holders()
 
 
 def test_a_failing_job_does_not_take_the_others_down():
@@ -222,7 +223,7 @@ def test_requests_that_share_a_prompt_prefix_decode_it_once():
         return plain(requests)
 
     scheduler = Scheduler(engine, slots=64, max_chains=8, cells=400)
-    prompt_slots = lambda: {a.prompt_slot for a in scheduler._admitted}  # noqa: E731
+    prompt_slots = lambda: {a.prompt_slot for a in scheduler._queue}  # noqa: E731
     engine.decode = decode
     base = [1, 2, 3, 4, 5, 6]
     first = scheduler.submit(Job(base, POWER, [0, 1], 1))
@@ -243,7 +244,8 @@ def test_cached_prompts_give_way_to_new_work():
     jobs = [scheduler.submit(Job([1 + k, 2, 3], replace(settings, seed=k), [0], 1)) for k in range(6)]
     while scheduler.pending():
         scheduler.step()
-        assert scheduler._free_cells >= 0 and len(scheduler._prompt_cache) <= 4
+        scheduler.ledger.check()
+        assert len(scheduler.cache) <= 4
     for k, job in enumerate(jobs):
         assert all(same(a, b) for a, b in zip(job.result(), alone([1 + k, 2, 3], replace(settings, seed=k), 1, 1)))
 

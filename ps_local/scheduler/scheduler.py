@@ -7,8 +7,10 @@ prompt into one ``engine.decode``, and hands each chain its logits rows. A chain
 its slots and KV cells at once, and the next waiting chain starts at the next decode.
 
 Budgets: ``max_chains`` chains run at once, within the engine's slots and (where the engine has
-one) a number of KV cells, reserved per chain for its worst case so that a running chain never
-finds the cache full. Jobs are admitted in the order they came (first in, first out).
+one) a number of KV cells. The ledger (ledger.py) names the holder of every slot and cell, and
+counts a cell free only when its last holder lets go; a chain reserves its worst case, so that a
+running chain never finds the cache full. What starts in a step is planned by admission.py,
+first come, first served, without engine calls; this module carries the plan out.
 
 Which chains share a batch does not change any chain's samples: chain i of a job draws only
 from streams keyed by (seed, i, step) (samplers.mh.Chain). On the numpy toy that is exact bit for
@@ -20,22 +22,26 @@ Pure logic over the engine protocol. One thread steps the scheduler; ``submit`` 
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .protocol import DecodeRequest, Engine
-from .samplers import run_class, slots_per_chain
-from .samplers.base import ChainRun, ProgressCallback, RunSpec, TokenCallback, chain_seeds
-from .settings import Sample, SamplingSettings
-from .samplers.stops import StopMatcher
+from ..errors import UserError
+from ..protocol import DecodeRequest, Engine
+from ..samplers import run_class, slots_per_chain
+from ..samplers.base import ChainRun, ProgressCallback, RunSpec, TokenCallback, chain_seeds
+from ..samplers.stops import StopMatcher
+from ..settings import Sample, SamplingSettings
+from .admission import DecodePrompt, DropCached, RetirePrompt, StartChain, Waiting, chain_holder, plan_admission, \
+    prompt_holder
+from .ledger import Holder, KvLedger
+from .prompt_cache import PromptCache, cache_holder
 
 SampleCallback = Callable[[int, Sample], None]
-PROMPT_CACHE = 4  # prompts kept in their slots after their chains start, for later requests to share
 
 
 def random_seed() -> int:
@@ -99,8 +105,9 @@ class _Running:
     """A started chain: its generator and what it waits for."""
 
     job: Job
+    key: int  # its job's
     index: int
-    slots: list[int]
+    holder: Holder  # what it holds in the ledger
     run: ChainRun
     wanted: list[DecodeRequest]
 
@@ -109,34 +116,42 @@ class _Running:
 class _Admission:
     """A job the scheduler has taken in: its prompt slot and how far its chains have started."""
 
+    key: int
     job: Job
     seeds: list[int]
     stops: StopMatcher
     prompt_slot: int | None = None
-    prompt_shared: int = 0  # leading prompt tokens copied from a cached prompt, not decoded
-    prompt_reserved: bool = False  # its prompt's cells count against the budget until it ends
-    prompt_logits: np.ndarray | None = None
+    prompt_logits: np.ndarray | None = None  # its own row, copied out of the step's logits
     started: int = 0
     running: int = 0
 
+    @property
+    def all_started(self) -> bool:
+        return self.started == len(self.job.chain_indices) and self.prompt_logits is not None
+
+    def waiting(self) -> Waiting:
+        job = self.job
+        return Waiting(self.key, tuple(job.prompt), job.slots_per_chain, job.chain_cells, len(job.chain_indices),
+                       self.started, self.prompt_logits is not None)
+
 
 class Scheduler:
+    """Runs jobs' chains in shared decodes within ``slots`` KV sequences, ``max_chains`` chains
+    at once and (None: not counted) ``cells`` KV cells."""
+
     def __init__(self, engine: Engine, slots: int, max_chains: int, cells: int | None = None):
         self.engine = engine
         self.slots = slots
         self.max_chains = max_chains
-        self.cells = cells  # None: the engine has no cell budget to respect (the toy)
-        self._free_slots = list(range(slots - 1, -1, -1))  # popped from the end: lowest first
-        self._free_cells = cells
+        self.cells = cells
+        self.ledger = KvLedger(slots, cells)  # who holds every slot and cell
+        self.cache = PromptCache()  # recent prompts kept in their slots for later requests to share
         self._lock = threading.Condition()
         self._submitted: deque[Job] = deque()
-        self._admitted: deque[_Admission] = deque()  # jobs with chains still to start
-        self._jobs: dict[int, _Admission] = {}  # every unfinished job taken in, by id
+        self._queue: list[_Admission] = []  # jobs with chains still to start, in arrival order
+        self._jobs: dict[int, _Admission] = {}  # every unfinished job taken in, by key
         self._running: list[_Running] = []
-        # Recent prompts still in their slots (LRU order): a request that shares a prefix with
-        # one (the same question again, a common system prompt) copies those cells instead of
-        # decoding them. Their cells stay reserved; they are dropped first when room is needed.
-        self._prompt_cache: OrderedDict[int, list[int]] = OrderedDict()
+        self._keys = itertools.count()
 
     # -- any thread ------------------------------------------------------------------------
 
@@ -150,6 +165,13 @@ class Scheduler:
                 f"the {job.prompt_cells}-token prompt and one chain of up to {job.settings.max_tokens} tokens "
                 f"need {job.prompt_cells + job.chain_cells:,} KV cells; the cache has {self.cells:,}"
             )
+
+    def fits(self, job: Job) -> bool:
+        try:
+            self.check_fits(job)
+        except UserError:
+            return False
+        return True
 
     def submit(self, job: Job) -> Job:
         self.check_fits(job)
@@ -173,6 +195,14 @@ class Scheduler:
 
     # -- the stepping thread ---------------------------------------------------------------
 
+    @property
+    def running_chains(self) -> int:
+        return len(self._running)
+
+    def running_jobs(self) -> set[int]:
+        """Keys of the jobs with chains running now."""
+        return {running.key for running in self._running}
+
     def run_until_done(self, jobs: Sequence[Job], steps: int | None = None) -> None:
         """Step until every one of ``jobs`` has finished (other jobs advance meanwhile), or
         for at most ``steps`` steps. An exception here (Ctrl-C) fails every job and leaves the
@@ -193,18 +223,18 @@ class Scheduler:
         with self._lock:
             while self._submitted:
                 job = self._submitted.popleft()
-                admission = _Admission(job, chain_seeds(job.settings.seed, max(job.chain_indices, default=-1) + 1),
-                                       StopMatcher(job.settings.stop, self.engine.token_bytes))
-                self._jobs[id(job)] = admission
-                self._admitted.append(admission)
+                admission = _Admission(next(self._keys), job, chain_seeds(job.settings.seed, max(
+                    job.chain_indices, default=-1) + 1), StopMatcher(job.settings.stop, self.engine.token_bytes))
+                self._jobs[admission.key] = admission
+                self._queue.append(admission)
         self._drop_cancelled()
-        prefills = self._admit()
-        requests: list[DecodeRequest] = [(a.prompt_slot, a.job.prompt[a.prompt_shared :])  # type: ignore[misc]
-                                         for a in prefills]
+        admitted, prefills = self._admit()
+        requests: list[DecodeRequest] = [(a.prompt_slot, a.job.prompt[shared:])  # type: ignore[misc]
+                                         for a, shared in prefills]
         for running in self._running:
             requests.extend(running.wanted)
         if not requests and not self._running:
-            return False
+            return admitted  # chains may have started and ended at once (EOS first): admit again
         try:
             # Chains that paused (samplers.mh.PAUSE_EVERY) want nothing and get empty replies.
             rows = self.engine.decode(requests) if requests else np.empty((0, 0), dtype=np.float32)
@@ -212,8 +242,9 @@ class Scheduler:
             # The cache is in an unknown state after a failed decode: everything in it fails.
             self.fail_all(error)
             return True
-        for offset, admission in enumerate(prefills):
-            admission.prompt_logits = rows[offset]
+        for offset, (admission, _) in enumerate(prefills):
+            # A copy: a view would keep the whole step's logits alive while the job waits.
+            admission.prompt_logits = rows[offset].copy()
         offset = len(prefills)
         for running in list(self._running):
             reply = rows[offset : offset + len(running.wanted)]
@@ -230,137 +261,78 @@ class Scheduler:
         for running in self._running:
             running.run.close()
         self._running.clear()
-        self._admitted.clear()
+        self._queue.clear()
         self._jobs.clear()
-        self._prompt_cache.clear()
         self.engine.reset()
-        self._free_slots = list(range(self.slots - 1, -1, -1))
-        self._free_cells = self.cells
+        self.ledger = KvLedger(self.slots, self.cells)
+        self.cache = PromptCache(self.cache.capacity)
         for job in jobs:
             self._finish(job, error)
 
-    # -- internals -------------------------------------------------------------------------
-
-    def _admit(self) -> list[_Admission]:
-        """Start what fits, first come first served; the jobs whose prompts join this decode.
-
-        Chains start in job order: a job starts chains only when every earlier job has started
-        all of its own. A later job's prompt may be decoded early, but only into room that the
-        earlier jobs' waiting chains do not need (``committed``), so nothing it holds can keep
-        an earlier job from starting.
-        """
-        prefills = []
-        committed_cells = committed_slots = 0
-        earlier_waiting = False
-        for admission in list(self._admitted):
-            job = admission.job
-            if admission.prompt_slot is None and self._prefix_arrives_next(job.prompt, prefills):
-                pass  # a prompt decoded in this step shares more with it: copy from that next step
-            elif admission.prompt_slot is None:
-                # Its prompt, and room for its first chain beyond what earlier jobs wait for.
-                if not self._make_room(committed_slots + 1 + job.slots_per_chain,
-                                       committed_cells + job.prompt_cells + job.chain_cells):
-                    break
-                admission.prompt_slot = self._take_slots(1)[0]
-                self._reserve(job.prompt_cells)
-                admission.prompt_reserved = True
-                shared, source = self._longest_cached_prefix(job.prompt)
-                if shared:
-                    self.engine.copy_prefix(source, admission.prompt_slot, shared)
-                admission.prompt_shared = shared
-                prefills.append(admission)
-            elif admission.prompt_logits is not None and not earlier_waiting:
-                while admission.started < len(job.chain_indices) and self._room_for_chain(job):
-                    self._start_chain(admission)
-                    if job.done.is_set():
-                        break  # a chain failed as it started: the job is gone
-                if job.done.is_set():
-                    continue
-                if admission.started == len(job.chain_indices):
-                    self._admitted.remove(admission)
-                    self._keep_prompt(admission)  # the chains hold the prompt's cells too
-                    admission.prompt_slot = None
-                    if admission.running == 0:
-                        self._finish_job(admission)
-                    continue
-            waiting = min(len(job.chain_indices) - admission.started, self.max_chains)
-            committed_cells += waiting * job.chain_cells
-            committed_slots += waiting * job.slots_per_chain
-            earlier_waiting = True
-        return prefills
-
-    def _room_for_chain(self, job: Job) -> bool:
-        return len(self._running) < self.max_chains and self._make_room(job.slots_per_chain, job.chain_cells)
-
-    def _make_room(self, slots: int, cells: int) -> bool:
-        """Whether ``slots`` slots and ``cells`` cells are free, dropping cached prompts
-        (oldest first) to make them so."""
-        while (len(self._free_slots) < slots or not self._has_cells(cells)) and self._prompt_cache:
-            self._drop_cached_prompt()
-        return len(self._free_slots) >= slots and self._has_cells(cells)
-
-    def _prefix_arrives_next(self, prompt: list[int], prefills: list[_Admission]) -> bool:
-        """Whether a prompt being decoded in this step shares a longer prefix with ``prompt``
-        than any slot holds now (several requests with one prompt: decode it once)."""
-        coming = min(max((_shared_prefix(prompt, a.job.prompt) for a in prefills), default=0), len(prompt) - 1)
-        return coming > self._longest_cached_prefix(prompt, touch=False)[0]
-
-    def _longest_cached_prefix(self, prompt: list[int], touch: bool = True) -> tuple[int, int]:
-        """(tokens, slot): the longest prefix of ``prompt`` that a slot already holds, among
-        cached prompts and decoded prompts of jobs still starting chains. At least the last
-        prompt token is always decoded, since its logits start the chains."""
-        sources = list(self._prompt_cache.items()) + [
-            (a.prompt_slot, a.job.prompt) for a in self._admitted
-            if a.prompt_slot is not None and a.prompt_logits is not None]
-        best, best_slot = 0, -1
-        for slot, tokens in sources:
-            shared = min(_shared_prefix(prompt, tokens), len(prompt) - 1)
-            if shared > best:
-                best, best_slot = shared, slot  # type: ignore[assignment]
-        if touch and best_slot in self._prompt_cache:
-            self._prompt_cache.move_to_end(best_slot)
-        return best, best_slot
-
-    def _keep_prompt(self, admission: _Admission) -> None:
-        """Move a job's prompt slot into the prompt cache (its cell reservation with it)."""
-        slot, prompt = admission.prompt_slot, admission.job.prompt
-        if PROMPT_CACHE == 0 or any(tokens == prompt for tokens in self._prompt_cache.values()):
-            self._release_slots([slot])  # type: ignore[list-item]
-            return
-        self._prompt_cache[slot] = list(prompt)  # type: ignore[index]
-        admission.prompt_reserved = False
-        while len(self._prompt_cache) > PROMPT_CACHE:
-            self._drop_cached_prompt()
-
-    def _drop_cached_prompt(self) -> None:
-        slot, tokens = self._prompt_cache.popitem(last=False)
-        self._release_slots([slot])
-        self._unreserve(len(tokens))
-
     def drop_prompt_cache(self) -> None:
         """Empty the prompt cache (everything then is free while no job runs)."""
-        while self._prompt_cache:
-            self._drop_cached_prompt()
+        for entry, _ in self.cache:
+            self.cache.remove(entry)
+            self._empty(self.ledger.release(cache_holder(entry)))
 
-    def _start_chain(self, admission: _Admission) -> None:
+    # -- internals -------------------------------------------------------------------------
+
+    def _admit(self) -> tuple[bool, list[tuple[_Admission, int]]]:
+        """Carry out this step's admission plan: whether it did anything, and the jobs whose
+        prompts join this decode, with the prompt positions copied rather than decoded."""
+        if not self._queue:
+            return False, []
+        plan = plan_admission([admission.waiting() for admission in self._queue], self.ledger, self.cache,
+                              len(self._running), self.max_chains)
+        self.ledger, self.cache = plan.ledger, plan.cache  # type: ignore[assignment]
+        prefills: list[tuple[_Admission, int]] = []
+        started: list[_Running] = []
+        for action in plan.actions:
+            if isinstance(action, DropCached):
+                self._empty(action.slots)
+            elif isinstance(action, DecodePrompt):
+                admission = self._jobs[action.job]
+                admission.prompt_slot = action.slot
+                source = action.slot if action.source_slot is None else action.source_slot
+                self.engine.copy_prefix(source, action.slot, action.shared)  # shared 0: emptied
+                prefills.append((admission, action.shared))
+            elif isinstance(action, StartChain):
+                started.append(self._start_chain(self._jobs[action.job], action))
+            elif isinstance(action, RetirePrompt):
+                admission = self._jobs[action.job]
+                admission.prompt_slot = None
+                self._queue.remove(admission)
+                self._empty(action.emptied)
+        # Chains run only once the plan is carried out: one that fails as it starts releases its
+        # job's prompt, which a later action of the plan may have copied from.
+        for running in started:
+            if running in self._running:
+                self._advance(running, None)
+        for admission in list(self._jobs.values()):
+            if admission.all_started and admission.running == 0:
+                self._finish_job(admission)
+        return bool(plan.actions), [(admission, shared) for admission, shared in prefills
+                                    if admission.key in self._jobs]
+
+    def _start_chain(self, admission: _Admission, action: StartChain) -> _Running:
         job = admission.job
-        index = job.chain_indices[admission.started]
+        index = job.chain_indices[action.number]
         admission.started += 1
-        slots = self._take_slots(job.slots_per_chain)
-        self._reserve(job.chain_cells)
-        for slot in slots:
+        for slot in action.slots:
             self.engine.copy_prefix(admission.prompt_slot, slot, len(job.prompt))  # type: ignore[arg-type]
-        spec = RunSpec(self.engine, job.settings, job.prompt, slots, job.settings.seed, admission.seeds[index],  # type: ignore[arg-type]
-                       admission.stops, index, job.progress, max(1, job.round_width), job.on_token)
+        spec = RunSpec(self.engine, job.settings, job.prompt, action.slots, job.settings.seed,  # type: ignore[arg-type]
+                       admission.seeds[index], admission.stops, index, job.progress, max(1, job.round_width),
+                       job.on_token)
         chain = run_class(job.settings)(spec)
         admission.running += 1
-        running = _Running(job, index, slots, chain.run(admission.prompt_logits.copy()), [])  # type: ignore[union-attr]
+        running = _Running(job, admission.key, index, chain_holder(admission.key, action.number),
+                           chain.run(admission.prompt_logits.copy()), [])  # type: ignore[union-attr]
         self._running.append(running)
-        self._advance(running, None)
+        return running
 
     def _advance(self, running: _Running, reply: Sequence[np.ndarray] | None) -> None:
         """Send a chain its rows; keep what it wants next, or collect its sample."""
-        admission = self._jobs.get(id(running.job))
+        admission = self._jobs.get(running.key)
         try:
             running.wanted = running.run.send(reply)  # type: ignore[arg-type]
             return
@@ -372,54 +344,44 @@ class Scheduler:
                 if running.job.on_sample is not None:
                     running.job.on_sample(running.index, sample)
             except Exception as error:
-                self._fail_job(running.job, error)
+                self._fail_job(running.key, error)
                 return
         except Exception as error:
             self._end_chain(running)
-            self._fail_job(running.job, error)
+            self._fail_job(running.key, error)
             return
         if admission is not None:
             admission.running -= 1
-            if admission.running == 0 and admission.started == len(running.job.chain_indices) \
-                    and admission.prompt_slot is None:
+            if admission.running == 0 and admission.all_started:
                 self._finish_job(admission)
 
     def _end_chain(self, running: _Running) -> None:
         if running in self._running:
             self._running.remove(running)
-            self._release_slots(running.slots)
-            self._unreserve(running.job.chain_cells)
+            self._empty(self.ledger.release(running.holder))
 
     def _drop_cancelled(self) -> None:
         for admission in list(self._jobs.values()):
             if admission.job.cancelled:
-                self._fail_job(admission.job, JobCancelled("cancelled"))
+                self._fail_job(admission.key, JobCancelled("cancelled"))
 
-    def _fail_job(self, job: Job, error: BaseException) -> None:
+    def _fail_job(self, key: int, error: BaseException) -> None:
         """End a job early: its chains stop and free what they hold."""
-        admission = self._jobs.get(id(job))
-        for running in [r for r in self._running if r.job is job]:
+        admission = self._jobs.pop(key, None)
+        for running in [r for r in self._running if r.key == key]:
             running.run.close()
             self._end_chain(running)
-        if admission is not None:
-            if admission in self._admitted:
-                self._admitted.remove(admission)
-            if admission.prompt_slot is not None:
-                self._release_slots([admission.prompt_slot])
-                admission.prompt_slot = None
-            self._unreserve_prompt(admission)
-            del self._jobs[id(job)]
-        self._finish(job, error)
+        if admission is None:
+            return
+        if admission in self._queue:
+            self._queue.remove(admission)
+        self._empty(self.ledger.release(prompt_holder(key)))
+        admission.prompt_slot = None
+        self._finish(admission.job, error)
 
     def _finish_job(self, admission: _Admission) -> None:
-        self._unreserve_prompt(admission)
-        self._jobs.pop(id(admission.job), None)
+        self._jobs.pop(admission.key, None)
         self._finish(admission.job, None)
-
-    def _unreserve_prompt(self, admission: _Admission) -> None:
-        if admission.prompt_reserved:
-            self._unreserve(admission.job.prompt_cells)
-            admission.prompt_reserved = False
 
     def _finish(self, job: Job, error: BaseException | None) -> None:
         if not job.done.is_set():
@@ -428,35 +390,11 @@ class Scheduler:
         with self._lock:
             self._lock.notify_all()
 
-    def _take_slots(self, count: int) -> list[int]:
-        taken = [self._free_slots.pop() for _ in range(count)]
-        return taken
-
-    def _release_slots(self, slots: list[int]) -> None:
+    def _empty(self, slots: list[int]) -> None:
+        """Empty slots the ledger gave back: their cells return to the cache unless another
+        sequence still holds them."""
         for slot in slots:
-            self.engine.copy_prefix(slot, slot, 0)  # empty it: its cells go back to the cache
-        self._free_slots.extend(slots)
-        self._free_slots.sort(reverse=True)
-
-    def _has_cells(self, count: int) -> bool:
-        return self._free_cells is None or count <= self._free_cells
-
-    def _reserve(self, count: int) -> None:
-        if self._free_cells is not None:
-            self._free_cells -= count
-
-    def _unreserve(self, count: int) -> None:
-        if self._free_cells is not None:
-            self._free_cells += count
-
-
-def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    shared = 0
-    for mine, theirs in zip(a, b):
-        if mine != theirs:
-            break
-        shared += 1
-    return shared
+            self.engine.copy_prefix(slot, slot, 0)
 
 
 def sample(
