@@ -14,7 +14,7 @@ from .gguf_file import check_architecture, read_metadata
 from .memory import CACHE_TYPES, CachePlan, KvShape, check_cache_type, format_bytes, kv_bytes_per_cell, plan_cache
 from .samplers import slots_per_chain
 from .samplers.base import ProgressCallback, TokenCallback
-from .scheduler import Job, Scheduler, random_seed
+from .scheduler import Job, JobCancelled, Scheduler, random_seed
 from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
 
 
@@ -96,6 +96,7 @@ class Session:
             raise UserError(f"--ctx {options.ctx} exceeds the model's trained context of {self.engine.n_ctx_train} tokens")
         self._scheduler: Scheduler | None = None
         self._fixed = False  # reserve() sized the cache: it no longer grows
+        self._waiting_for_room: list[tuple[Job, CachePlan]] = []  # submitted while a smaller cache was busy
         self._step_lock = threading.RLock()
 
     def tokenize(self, prompt: str, special: bool = False) -> list[int]:
@@ -168,8 +169,45 @@ class Session:
         job = Job(list(prompt_tokens), replace(settings, seed=seed), indices, layout.round_width, on_sample, progress,
                   on_token)
         with self._step_lock:
-            self._ensure_capacity(plan)
-            return self.scheduler.submit(job)
+            if self._scheduler is None or (not self._waiting_for_room and self._scheduler.pending() == 0):
+                self._ensure_capacity(plan)
+            if self._fixed or (not self._waiting_for_room and self.scheduler.fits(job)):
+                return self.scheduler.submit(job)  # UserError for a job that can never fit
+            # Larger than the cache while others run: it waits until the scheduler is idle and
+            # the cache grows (later requests queue behind it, so it is not overtaken for ever).
+            self._waiting_for_room.append((job, plan))
+            return job
+
+    def pending(self) -> int:
+        """Requests submitted and not finished (those waiting for the cache to grow included)."""
+        return len(self._waiting_for_room) + (self._scheduler.pending() if self._scheduler is not None else 0)
+
+    def _admit_waiting(self) -> None:
+        """Once the scheduler is idle, grow the cache for the requests that waited for room and
+        hand them to it. Called with the step lock held."""
+        waiting = self._waiting_for_room
+        for job, _ in waiting:
+            if job.cancelled:
+                _end(job, JobCancelled("cancelled"))
+        waiting[:] = [item for item in waiting if not item[0].done.is_set()]
+        if not waiting or (self._scheduler is not None and self._scheduler.pending()):
+            return
+        plans = [plan for _, plan in waiting]
+        grown = replace(plans[0], cells=max(plan.cells for plan in plans),
+                        slots=min(MAX_SEQUENCES, max(plan.slots for plan in plans)))
+        try:
+            self._ensure_capacity(grown)
+        except UserError as error:
+            self._fail_waiting(error)
+            return
+        for job, _ in waiting:
+            self.scheduler.submit(job)
+        waiting.clear()
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        for job, _ in self._waiting_for_room:
+            _end(job, error)
+        self._waiting_for_room.clear()
 
     def make_room(self, prompt_tokens: int, settings: list[SamplingSettings], chains: int) -> None:
         """Grow the cache (when idle) for several prompts of ``prompt_tokens`` tokens in all and
@@ -187,11 +225,13 @@ class Session:
     def step(self) -> bool:
         """One scheduler step under the step lock (a serving thread calls this in a loop)."""
         with self._step_lock:
+            self._admit_waiting()
             return self._scheduler.step() if self._scheduler is not None else False
 
     def cancel_all(self, error: BaseException) -> None:
         """End every request with ``error`` (a server shutting down)."""
         with self._step_lock:
+            self._fail_waiting(error)
             if self._scheduler is not None:
                 self._scheduler.fail_all(error)
 
@@ -205,7 +245,11 @@ class Session:
                 continue
             try:
                 if not settled(job.done.is_set() for job in jobs):
+                    self._admit_waiting()
                     self.scheduler.run_until_done(jobs, steps=1)
+            except BaseException as error:  # Ctrl-C: what waits for room fails too
+                self._fail_waiting(error)
+                raise
             finally:
                 self._step_lock.release()
 
@@ -277,3 +321,9 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _end(job: Job, error: BaseException) -> None:
+    """Finish a job that never reached the scheduler."""
+    job.error = error
+    job.done.set()
