@@ -19,7 +19,6 @@ Pure bookkeeping: nothing here touches an engine.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -197,7 +196,21 @@ class KvLedger:
 
     def copy(self) -> "KvLedger":
         """An independent copy (admission plans on one; segments shared by holders stay shared)."""
-        return copy.deepcopy(self)
+        clones: dict[int, _Segment] = {}
+
+        def clone(segment: _Segment | None) -> _Segment | None:
+            if segment is None:
+                return None
+            twin = clones.get(id(segment))
+            if twin is None:
+                twin = clones[id(segment)] = _Segment(segment.start, segment.end, None, segment.holders,
+                                                      segment.children)
+                twin.parent = clone(segment.parent)
+            return twin
+
+        return KvLedger(self.slots, self.cells, dict(self._slot_holder),
+                        {holder: clone(segment) for holder, segment in self._prompt.items()},  # type: ignore[misc]
+                        dict(self._reserved), self._prompt_cells)
 
     # -- invariants ------------------------------------------------------------------------
 

@@ -258,16 +258,18 @@ class Scheduler:
         with self._lock:
             jobs = [admission.job for admission in self._jobs.values()] + list(self._submitted)
             self._submitted.clear()
-        for running in self._running:
-            running.run.close()
-        self._running.clear()
         self._queue.clear()
         self._jobs.clear()
-        self.engine.reset()
         self.ledger = KvLedger(self.slots, self.cells)
         self.cache = PromptCache(self.cache.capacity)
-        for job in jobs:
-            self._finish(job, error)
+        try:
+            for running in self._running:
+                running.run.close()
+            self._running.clear()
+            self.engine.reset()
+        finally:  # whatever failed above (a broken engine), no job may be left waiting
+            for job in jobs:
+                self._finish(job, error)
 
     def drop_prompt_cache(self) -> None:
         """Empty the prompt cache (everything then is free while no job runs)."""
