@@ -17,10 +17,13 @@ from .errors import PsLocalError, UserError
 from .memory import CACHE_TYPES
 from .output import ProgressLine, sample_json, summary_line
 from .prompts import TEMPLATES, PromptSettings, template_stops
+from .server.limits import RequestLimits
 from .settings import METHODS, SamplingSettings, check_request
 
 if TYPE_CHECKING:
     from .session import RuntimeOptions
+
+SERVE_LIMITS = RequestLimits()  # the defaults `ps-local serve --help` shows
 
 
 def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -381,20 +384,31 @@ def info(model: str, as_json: bool) -> None:
               help="Chains of all requests decoded together; with --ctx it sizes the KV cache.")
 @click.option("--round-width", type=int, default=None, help="Proposals per chain decoded together [default: 8 / chains].")
 @click.option("--cache-type", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True)
+@click.option("--max-n", type=int, default=SERVE_LIMITS.max_n, show_default=True, help="Most samples per request.")
+@click.option("--max-mcmc-steps", type=int, default=SERVE_LIMITS.max_mcmc_steps, show_default=True,
+              help="Most MH steps per block a request may ask for.")
+@click.option("--max-particle-tokens", type=int, default=SERVE_LIMITS.max_particle_tokens, show_default=True,
+              help="Most particles x max_tokens of an smc request (its KV cells per chain).")
+@click.option("--max-work-tokens", type=int, default=SERVE_LIMITS.max_work_tokens, show_default=True,
+              help="Most tokens one request may decode in the worst case (all its samples, every MH step).")
 def serve(model: str, host: str, port: int, api_key: str | None, model_id: str | None, max_queue: int,
-          **runtime: Any) -> None:
+          max_n: int, max_mcmc_steps: int, max_particle_tokens: int, max_work_tokens: int, **runtime: Any) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
 
     ps-local's settings (method, alpha, block_size, mcmc_steps, proposal_temp) travel as extra
-    body fields. Needs the server extra: pip install 'ps-local[server]'.
+    body fields; requests beyond the --max-* limits get 400. Needs the server extra: pip install
+    'ps-local[server]'.
     """
     from .server.run import ServeOptions, serve as run_server
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be from 0 to 65535, got {port}")
-    if max_queue < 1:
-        raise UserError(f"--max-queue must be a positive integer, got {max_queue}")
-    run_server(model, runtime, ServeOptions(host, port, api_key, max_queue, model_id))
+    for flag, value in (("--max-queue", max_queue), ("--max-n", max_n), ("--max-mcmc-steps", max_mcmc_steps),
+                        ("--max-particle-tokens", max_particle_tokens), ("--max-work-tokens", max_work_tokens)):
+        if value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    limits = RequestLimits(max_n, max_mcmc_steps, max_particle_tokens, max_work_tokens)
+    run_server(model, runtime, ServeOptions(host, port, api_key, max_queue, model_id, limits))
 
 
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:

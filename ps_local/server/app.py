@@ -5,100 +5,58 @@ One worker thread steps the scheduler, so every request's chains share batched d
 away cancels its job; shutdown cancels what is left. Power samples cannot be streamed token by
 token (a later MH step may change any earlier token): their streams carry keep-alive comments
 until the chain ends, then the text.
+
+Nothing here may block the event loop, or every client stalls with it: a handler polls its
+job's ``done`` flag and never calls ``job.result()`` before it is set, and whatever takes the
+session's step lock (``submit``, which the stepping thread holds for a whole decode) or
+tokenizes runs in the threadpool. ``session.pending()`` is fine: the scheduler's lock is only ever held
+for a moment.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import queue
-import secrets
-import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..api import Model
 from ..errors import PsLocalError, UserError
-from ..output import stats_record
 from ..prompts import chat_tokens, render_messages
 from ..scheduler import Job, JobCancelled
 from ..settings import Sample
-from .requests import ApiError, SamplingRequest, parse
+from .api_errors import NO_CHAT_TEMPLATE, ApiError, api_wording, field_of, validation_error
+from .limits import RequestLimits, check_limits
+from .middleware import ApiKeyMiddleware, JsonBodyMiddleware
+from .replies import Reply, TextStream, finish_reason
+from .requests import ChatCompletionRequest, CompletionRequest, Sampling, SamplingFields
+from .worker import SchedulerFailed, Worker
 
 POLL_S = 0.02  # how often a waiting handler looks at its job and its client
-
-
-class Worker:
-    """The thread that steps the scheduler while there is work."""
-
-    def __init__(self, model: Model):
-        self.session = model.session
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="ps-local-scheduler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if not self.session.step():
-                self.session.scheduler.wait_for_work(0.1)
-
-    def stop(self) -> None:
-        """Cancel every job left and end the thread."""
-        self._stop.set()
-        self.session.scheduler.wake()
-        self._thread.join(timeout=30)
-        self.session.cancel_all(JobCancelled("the server is shutting down"))
-
-
-class TextStream:
-    """Text of a plain-decoding chain as its tokens arrive, holding back what a stop string
-    may still cut and bytes of an unfinished UTF-8 character."""
-
-    def __init__(self, token_bytes: Any, holdback: int):
-        self.token_bytes = token_bytes
-        self.holdback = holdback
-        self.buffer = bytearray()
-        self.tokens_seen = 0
-        self.fed = 0
-        self.text = ""  # what has been sent
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def advance(self, tokens: list[int], is_end: Any) -> str:
-        for token in tokens[self.tokens_seen :]:
-            if not is_end(token):
-                self.buffer += self.token_bytes(token)
-        self.tokens_seen = len(tokens)
-        safe = len(self.buffer) - self.holdback
-        if safe <= self.fed:
-            return ""
-        delta = self.decoder.decode(bytes(self.buffer[self.fed : safe]))
-        self.fed = safe
-        self.text += delta
-        return delta
-
-    def finish(self, final_text: str) -> str:
-        delta = final_text[len(self.text) :] if final_text.startswith(self.text) else ""
-        self.text = final_text
-        return delta
+CLIENT_CLOSED = 499  # the status logged for a request whose client left (nobody reads it)
+T = TypeVar("T")
 
 
 def create_app(model: Model, model_id: str, *, api_key: str | None = None, max_queue: int = 64,
-               keepalive_s: float = 5.0) -> FastAPI:
+               keepalive_s: float = 5.0, limits: RequestLimits = RequestLimits(),
+               on_failure: Callable[[SchedulerFailed], None] | None = None) -> FastAPI:
     """The app for ``model``, served under the name ``model_id``. Requests beyond ``max_queue``
-    unfinished jobs get 429; with ``api_key``, every /v1 request needs ``Authorization: Bearer``."""
-    worker = Worker(model)
+    unfinished jobs get 429, requests beyond ``limits`` 400; with ``api_key``, every /v1 request
+    needs ``Authorization: Bearer``. ``on_failure`` hears, on the worker's thread, that the
+    scheduler died (``serve`` stops the process then); the worker is ``app.state.worker``."""
+    worker = Worker(model.session, on_failure)
     engine = model.session.engine
+    ctx = model.session.options.ctx or engine.n_ctx_train  # tokens per request, prompt included
     created = int(time.time())
 
     @asynccontextmanager
@@ -107,119 +65,172 @@ def create_app(model: Model, model_id: str, *, api_key: str | None = None, max_q
         try:
             yield
         finally:
-            worker.stop()
+            await run_in_threadpool(worker.stop)  # joins the thread, takes the step lock
 
-    app = FastAPI(title="ps-local", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="ps-local", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json",
+                  description="Power sampling on a local GGUF model behind OpenAI's completions API. ps-local's "
+                              "settings (method, alpha, block_size, mcmc_steps, ...) are extra body fields.")
+    app.state.worker = worker
+    app.add_middleware(JsonBodyMiddleware)
+    if api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)  # added last: runs first
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        return await api_error(request, validation_error(error.errors()))  # 400 as OpenAI, not FastAPI's 422
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400:  # FastAPI's one: a body that is not even text (bad UTF-8)
+            return await api_error(request, ApiError(400, "the request body is not valid JSON (nor UTF-8 text)"))
         message = "no such route" if error.status_code == 404 else str(error.detail)
-        return JSONResponse(ApiError(error.status_code, f"{message}: {request.method} {request.url.path}",
-                                     code=str(error.status_code)).body(), status_code=error.status_code)
+        return await api_error(request, ApiError(error.status_code, f"{message}: {request.method} {request.url.path}",
+                                                 code=str(error.status_code)))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")
-                            .body(), status_code=500)
+        return await api_error(request, ApiError(500, f"internal error: {type(error).__name__}: {error}",
+                                                 kind="server_error"))
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)", kind="authentication_error",
-                           code="invalid_api_key")
+    def failed() -> ApiError:
+        return ApiError(503, str(worker.failure), kind="server_error", code="scheduler_failed")
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "jobs": model.session.scheduler.pending()}
+    @app.get("/health", response_model=None)
+    async def health() -> dict[str, Any] | JSONResponse:
+        if worker.failure is not None:
+            return JSONResponse({"status": "failed", "model": model_id, "reason": str(worker.failure)},
+                                status_code=503)
+        return {"status": "ok", "model": model_id, "jobs": model.session.pending()}
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        authorize(request)
+    async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{name:path}")
-    async def one_model(name: str, request: Request) -> dict[str, Any]:
-        authorize(request)
-        if name != model_id:
-            raise ApiError(404, f"the model {name!r} does not exist; this server has {model_id!r}", "model",
-                           code="model_not_found")
+    async def one_model(name: str) -> dict[str, Any]:
+        check_model(name)
         return model_card()
 
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "ps-local"}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        authorize(request)
-        parsed = parse(await read_json(request), chat=False, model_id=model_id, default_method="power")
-        tokens = await run_in_threadpool(model.tokens, parsed.prompt) if isinstance(parsed.prompt, str) \
-            else list(parsed.prompt)  # type: ignore[arg-type]
-        if any(not 0 <= token < engine.n_vocab for token in tokens):
-            raise ApiError(400, f"token ids must be from 0 to {engine.n_vocab - 1}", "prompt")
-        return await respond(request, parsed, tokens, chat=False)
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_id:
+            raise ApiError(404, f"the model {name!r} does not exist; this server has {model_id!r}", "model",
+                           code="model_not_found")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        authorize(request)
-        parsed = parse(await read_json(request), chat=True, model_id=model_id, default_method="power")
-        tokens = await run_in_threadpool(lambda: chat_tokens(engine, render_messages(engine, parsed.messages)))
-        return await respond(request, parsed, tokens, chat=True)
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        sampling = admit(body, chat=False)
+        if isinstance(body.prompt, str):
+            tokens = await client_errors("prompt", model.tokens, body.prompt)
+        else:
+            tokens = list(body.prompt)  # type: ignore[arg-type]  # token ids, as validated
+            if any(not 0 <= token < engine.n_vocab for token in tokens):
+                raise ApiError(400, f"token ids must be from 0 to {engine.n_vocab - 1}", "prompt")
+        return await respond(request, sampling, tokens, chat=False)
 
-    async def read_json(request: Request) -> Any:
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        sampling = admit(body, chat=True)
+
+        def tokens() -> list[int]:
+            if engine.chat_template() is None:  # said in the API's words, not render_messages' CLI ones
+                raise ApiError(400, NO_CHAT_TEMPLATE, "messages", code="no_chat_template")
+            return chat_tokens(engine, render_messages(engine, body.conversation()))
+
+        return await respond(request, sampling, await client_errors("messages", tokens), chat=True)
+
+    def admit(body: SamplingFields, chat: bool) -> Sampling:
+        """The request's sampling settings, or why this server will not run it."""
+        check_model(body.model)
+        if worker.failure is not None:
+            raise failed()
+        sampling = body.sampling(chat)
+        refusal = check_limits(sampling.settings, sampling.n, limits, ctx)
+        if refusal is not None:
+            raise ApiError(400, refusal.message, refusal.param, code="request_too_large")
+        return sampling
+
+    async def client_errors(param: str | None, function: Callable[..., T], *args: Any) -> T:
+        """``function`` in the threadpool; a UserError (the client's mistake) is a 400 in the
+        API's words."""
         try:
-            return json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+            return await run_in_threadpool(function, *args)
+        except UserError as error:
+            message = api_wording(str(error))
+            raise ApiError(400, message, param or field_of(message, SamplingFields.model_fields)) from None
 
-    async def respond(request: Request, parsed: SamplingRequest, tokens: list[int], chat: bool) -> Any:
-        if model.session.scheduler.pending() >= max_queue:
+    async def respond(request: Request, sampling: Sampling, tokens: list[int], chat: bool) -> Any:
+        if model.session.pending() >= max_queue:
             raise ApiError(429, f"the server is busy ({max_queue} requests queued); retry later",
                            kind="rate_limit_error", code="queue_full")
         events: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
         streams: dict[int, TextStream] = {}
-        holdback = max((len(stop.encode()) for stop in parsed.settings.stop), default=1) - 1
+        holdback = max((len(stop.encode()) for stop in sampling.settings.stop), default=1) - 1
 
-        def on_token(index: int, sofar: list[int]) -> None:
+        def on_token(index: int, sofar: list[int]) -> None:  # on the worker's thread
             stream = streams.setdefault(index, TextStream(engine.token_bytes, holdback))
             delta = stream.advance(sofar, engine.is_end_of_generation)
             if delta:
                 events.put((index, delta))
 
-        try:
-            job = await run_in_threadpool(
-                model.session.submit, tokens, parsed.settings, parsed.n,
-                concurrent_chains=model.session.options.chains_per_batch,
-                on_token=on_token if parsed.stream else None)
-        except UserError as error:
-            raise ApiError(400, str(error)) from None
-        reply = Reply(model_id, chat, len(tokens), parsed)
-        if parsed.stream:
-            return EventSourceResponse(stream_events(request, job, events, streams, reply), ping=keepalive_s,
-                                       sep="\n")
+        job = await client_errors(
+            None, lambda: model.session.submit(tokens, sampling.settings, sampling.n,
+                                               concurrent_chains=model.session.options.chains_per_batch,
+                                               on_token=on_token if sampling.stream else None))
+        reply = Reply(model_id, chat, len(tokens), sampling)
+        if sampling.stream:
+            return EventSourceResponse(stream_events(job, events, streams, reply), ping=keepalive_s, sep="\n")
+        if not await settled(request, job):
+            return Response(status_code=CLIENT_CLOSED)
+        return reply.complete(outcome(job))
+
+    async def settled(request: Request, job: Job) -> bool:
+        """Wait for ``job`` without blocking the loop; False when the client went away first.
+        Its job is then cancelled, and nothing waits for the scheduler to drop it."""
         try:
             while not job.done.is_set():
+                if worker.failure is not None:
+                    break  # outcome() says so
                 await asyncio.sleep(POLL_S)
                 if await request.is_disconnected():
                     job.cancel()
-                    break
+                    return False
         except asyncio.CancelledError:
             job.cancel()
             raise
-        return reply.complete(result_of(job))
+        return True
 
-    async def stream_events(request: Request, job: Job, events: queue.SimpleQueue[tuple[int, str]],
-                            streams: dict[int, TextStream], reply: "Reply") -> AsyncIterator[str]:
+    def outcome(job: Job) -> list[Sample]:
+        """The samples of a settled job, or its error as an ApiError; never waits."""
+        if not job.done.is_set():  # only after the worker died: nothing may ever finish the job
+            job.cancel()
+            raise failed()
+        try:
+            return job.result(timeout=0)
+        except SchedulerFailed:
+            raise failed() from None
+        except JobCancelled as error:
+            raise ApiError(503, f"the request was cancelled: {error}", kind="server_error") from None
+        except UserError as error:
+            raise ApiError(400, api_wording(str(error))) from None
+        except Exception as error:  # noqa: BLE001 - a failed decode, a sampler's error: 500, one line
+            what = str(error) if isinstance(error, PsLocalError) else f"{type(error).__name__}: {error}"
+            raise ApiError(500, f"sampling failed: {what}", kind="server_error") from None
+
+    async def stream_events(job: Job, events: queue.SimpleQueue[tuple[int, str]], streams: dict[int, TextStream],
+                            reply: Reply) -> AsyncIterator[str]:
         try:
             if reply.chat:
                 for index in range(reply.parsed.n):
                     yield reply.chunk(index, {"role": "assistant", "content": ""}, None)
-            while not job.done.is_set():
+            while not job.done.is_set() and worker.failure is None:
                 await asyncio.sleep(POLL_S)
                 while not events.empty():
                     index, delta = events.get()
@@ -228,7 +239,7 @@ def create_app(model: Model, model_id: str, *, api_key: str | None = None, max_q
                 index, delta = events.get()
                 yield reply.chunk(index, delta, None)
             try:
-                samples = result_of(job)
+                samples = outcome(job)
             except ApiError as error:  # the status line has gone: the error travels as an event
                 yield json.dumps(error.body())
                 return
@@ -241,61 +252,3 @@ def create_app(model: Model, model_id: str, *, api_key: str | None = None, max_q
             job.cancel()  # a client gone mid-stream: its chains stop (nothing if it finished)
 
     return app
-
-
-def result_of(job: Job) -> list[Sample]:
-    try:
-        return job.result()
-    except JobCancelled as error:
-        raise ApiError(503, f"the request was cancelled: {error}", kind="server_error") from None
-    except UserError as error:
-        raise ApiError(400, str(error)) from None
-    except PsLocalError as error:
-        raise ApiError(500, str(error), kind="server_error") from None
-
-
-def finish_reason(sample: Sample) -> str:
-    return "length" if sample.stats.stop_reason == "length" else "stop"
-
-
-class Reply:
-    """OpenAI response bodies for one request."""
-
-    def __init__(self, model_id: str, chat: bool, prompt_tokens: int, parsed: SamplingRequest):
-        self.model_id, self.chat, self.prompt_tokens, self.parsed = model_id, chat, prompt_tokens, parsed
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def head(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
-
-    def stats(self, samples: list[Sample]) -> dict[str, Any]:
-        return {"method": self.parsed.settings.method, "ignored": list(self.parsed.ignored),
-                "samples": [stats_record(sample.stats) for sample in samples]}
-
-    def usage(self, samples: list[Sample]) -> dict[str, int]:
-        completion = sum(len(sample.tokens) for sample in samples)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
-
-    def complete(self, samples: list[Sample]) -> dict[str, Any]:
-        if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": s.text},
-                        "logprobs": None, "finish_reason": finish_reason(s)} for i, s in enumerate(samples)]
-        else:
-            choices = [{"index": i, "text": s.text, "logprobs": None, "finish_reason": finish_reason(s)}
-                       for i, s in enumerate(samples)]
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {**self.head(kind), "choices": choices, "usage": self.usage(samples), "ps_local": self.stats(samples)}
-
-    def chunk(self, index: int, delta: str | dict[str, str], finish: str | None, sample: Sample | None = None) -> str:
-        if self.chat:
-            content = delta if isinstance(delta, dict) else {"content": delta}
-            choice: dict[str, Any] = {"index": index, "delta": content, "logprobs": None, "finish_reason": finish}
-            body = {**self.head("chat.completion.chunk"), "choices": [choice]}
-        else:
-            body = {**self.head("text_completion"),
-                    "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": finish}]}
-        if sample is not None:
-            body["ps_local"] = self.stats([sample])
-        return json.dumps(body, ensure_ascii=False)

@@ -1,14 +1,17 @@
-"""Start the server: load the model, size its KV cache once, run uvicorn until Ctrl-C / SIGTERM."""
+"""Start the server: load the model, size its KV cache once, run uvicorn until Ctrl-C / SIGTERM
+(or until the scheduler fails: then ``serve`` raises, and the CLI exits 1 for a supervisor to
+restart it)."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import UserError
 from ..memory import plan_cache
 from ..session import MAX_SEQUENCES
+from .limits import RequestLimits
 
 SERVER_CTX = 4096  # per request (prompt + completion) unless --ctx says otherwise, as llama-server
 
@@ -20,6 +23,7 @@ class ServeOptions:
     api_key: str | None = None
     max_queue: int = 64
     model_id: str | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 def check_extra() -> None:
@@ -56,6 +60,7 @@ def load_for_serving(model: str, runtime: dict[str, Any]) -> Any:
 
 
 def serve(model: str, runtime: dict[str, Any], options: ServeOptions) -> None:
+    """Serve until stopped; SchedulerFailed (a PsLocalError) when the scheduler's thread died."""
     check_extra()
     import uvicorn
 
@@ -63,13 +68,20 @@ def serve(model: str, runtime: dict[str, Any], options: ServeOptions) -> None:
 
     loaded, plan = load_for_serving(model, runtime)
     model_id = options.model_id or model
-    app = create_app(loaded, model_id, api_key=options.api_key, max_queue=options.max_queue)
+    app = create_app(loaded, model_id, api_key=options.api_key, max_queue=options.max_queue, limits=options.limits)
     print(f"ps-local: serving {model_id!r} on http://{options.host}:{options.port}/v1 "
           f"({loaded.session.options.chains_per_batch} chains at once, --ctx {loaded.session.options.ctx} per "
           f"request; {plan.describe()}); Ctrl-C stops", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    worker = app.state.worker
+    # A dead scheduler leaves a server that can only answer 503: stop it as Ctrl-C would (running
+    # requests have already failed), so that the process exits and a supervisor starts a fresh one.
+    worker.on_failure = lambda failure: setattr(server, "should_exit", True)
     try:
-        uvicorn.Server(config).run()
+        server.run()
     finally:
         loaded.close()
+    if worker.failure is not None:
+        raise worker.failure
