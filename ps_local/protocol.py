@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -10,6 +10,16 @@ import numpy as np
 # take the same tokens, evaluated once (one batch entry carried by all of them).
 Slots = int | tuple[int, ...]
 DecodeRequest = tuple[Slots, Sequence[int]]
+
+
+class SpecialToken(NamedTuple):
+    """A token llama.cpp splits out of text before tokenizing the rest."""
+
+    id: int
+    text: str
+    control: bool  # control or unknown: split out only when parsing special text (user-defined: always)
+    lstrip: bool  # whitespace before it is dropped
+    rstrip: bool  # whitespace after it is dropped
 
 
 class Engine(Protocol):

@@ -6,13 +6,15 @@ tokenizes instead of aborting llama.cpp) and a handful of words. Byte, <unk> and
 pushed to probability ~e^-200 through a constant residual dimension, so the model effectively
 generates only the words and </s>: its whole sequence space can be enumerated.
 
-    python scripts/make_tiny_gguf.py tiny.gguf [--seed N] [--chat-template] [--extra-words N]
-        [--logit-scale S] [--no-byte-tokens]
+    python scripts/make_tiny_gguf.py tiny.gguf [--seed N] [--chat-template] [--chat-markers]
+        [--extra-words N] [--logit-scale S] [--no-byte-tokens]
 
 ``--extra-words N`` adds N more generated words ("▁w0", "▁w1", ...): with a small
 ``--logit-scale`` the model is flat over hundreds of tokens, so a proposal's draws often fall
 outside a stored table. ``--no-byte-tokens`` leaves the byte fall-back out (llama.cpp then
 aborts on text it cannot tokenize: ps-local must refuse such a prompt first).
+``--chat-markers`` adds Gemma's turn markers as control tokens (after every other token) and a
+Gemma-style chat template that uses them, for the tests of role injection.
 """
 
 from __future__ import annotations
@@ -33,13 +35,30 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+MARKERS = ["<start_of_turn>", "<end_of_turn>"]
+# Gemma 3's template, reduced to text: BOS, a system message prefixed to the first user turn,
+# trimmed content between the markers.
+MARKER_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\\n\\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
 
 
 def words(extra_words: int = 0) -> list[str]:
     return WORDS + [f"▁w{i}" for i in range(extra_words)]
 
 
-def vocabulary(extra_words: int = 0, byte_tokens: bool = True) -> tuple[list[str], list[int]]:
+def vocabulary(
+    extra_words: int = 0, byte_tokens: bool = True, chat_markers: bool = False
+) -> tuple[list[str], list[int]]:
     from gguf import TokenType
 
     byte_pieces = [f"<0x{b:02X}>" for b in range(256)] if byte_tokens else []
@@ -51,6 +70,9 @@ def vocabulary(extra_words: int = 0, byte_tokens: bool = True) -> tuple[list[str
     stepping_stones = sorted({word[:end] for word in WORDS for end in range(2, len(word))} - set(tokens))
     tokens += stepping_stones
     types += [TokenType.NORMAL] * len(stepping_stones)
+    if chat_markers:
+        tokens += MARKERS
+        types += [TokenType.CONTROL] * len(MARKERS)
     return tokens, [int(t) for t in types]
 
 
@@ -68,11 +90,12 @@ def write_tiny_gguf(
     extra_words: int = 0,
     byte_tokens: bool = True,
     nan_logits: bool = False,
+    chat_markers: bool = False,
 ) -> Path:
     from gguf import GGUFWriter
 
     rng = np.random.default_rng(seed)
-    tokens, types = vocabulary(extra_words, byte_tokens)
+    tokens, types = vocabulary(extra_words, byte_tokens, chat_markers)
     n_vocab = len(tokens)
     generated = set(generated_token_ids(extra_words, byte_tokens))
 
@@ -100,7 +123,9 @@ def write_tiny_gguf(
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    if chat_template:
+    if chat_markers:
+        writer.add_chat_template(MARKER_CHAT_TEMPLATE)
+    elif chat_template:
         writer.add_chat_template(CHAT_TEMPLATE)
 
     # Dimension 0 of the residual stream is a constant: the embedding sets it and no layer
@@ -149,9 +174,11 @@ def main() -> None:
     parser.add_argument("--extra-words", type=int, default=0, help="more generated words (a wide vocabulary)")
     parser.add_argument("--no-byte-tokens", action="store_true", help="no byte fall-back tokens")
     parser.add_argument("--nan-logits", action="store_true", help="a broken model whose logits are NaN")
+    parser.add_argument("--chat-markers", action="store_true",
+                        help="turn-marker control tokens and a Gemma-style chat template using them")
     args = parser.parse_args()
     write_tiny_gguf(args.path, args.seed, args.logit_scale, args.chat_template, args.extra_words,
-                    not args.no_byte_tokens, args.nan_logits)
+                    not args.no_byte_tokens, args.nan_logits, args.chat_markers)
     print(args.path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -148,6 +149,10 @@ def test_truncated_gguf(tmp_path, tiny_gguf, keep_bytes):
         (["--max-tokens", "0"], "--max-tokens"),
         (["--mcmc-steps", "-1"], "--mcmc-steps"),
         (["--proposal-temp", "0"], "--proposal-temp"),
+        (["--alpha", "1e39"], "--alpha must be a number >= 1 and <= 1e+30, or inf"),
+        (["--proposal-temp", "2.9e-39"], "--proposal-temp must be a number >= 1e-30 and <= 1e+30"),
+        (["--proposal-temp", "1e31"], "--proposal-temp must be a number >= 1e-30 and <= 1e+30"),
+        (["--method", "ppt", "--alpha", "4", "--ladder", "1,1e31,4"], "--ladder rungs must be"),
         (["-n", "0"], "--num-samples"),
         (["--threads", "0"], "--threads"),
         (["--ctx", "-5"], "--ctx"),
@@ -157,6 +162,31 @@ def test_truncated_gguf(tmp_path, tiny_gguf, keep_bytes):
 )
 def test_bad_options(tiny_gguf, option, fragment):
     assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", *option), fragment)
+
+
+@pytest.mark.parametrize("option", [["--alpha", repr(math.nextafter(1e30, math.inf))],
+                                    ["--proposal-temp", repr(math.nextafter(1e-30, 0))],
+                                    ["--method", "smc", "--alpha", "1e300"]])
+def test_numbers_past_the_bounds_are_usage_errors(tiny_gguf, option):
+    """Values just past the bounds that keep the proposal's float32 arithmetic finite: one line,
+    exit status 2."""
+    result = ps_local("generate", str(tiny_gguf), "yes", *option)
+    assert_one_line_error(result, option[-2])
+    assert result.returncode == 2
+
+
+def test_the_bounds_themselves_sample(tiny_gguf):
+    """At alpha 1e30 (proposal temperature 1e-30) and at temperature 1e-30 the draws are
+    greedy's; at temperature 1e30 they are merely finite. No numpy warning on stderr."""
+    def tokens(*options: str) -> list[int]:
+        result = ps_local("generate", str(tiny_gguf), "yes", "--max-tokens", "8", "--seed", "0", "--json", *options)
+        assert result.returncode == 0 and b"Warning" not in result.stderr, result.stderr
+        return json.loads(result.stdout)["tokens"]
+
+    greedy = tokens("--method", "greedy")
+    assert tokens(*FAST[2:], "--alpha", "1e30") == greedy  # FAST without its --max-tokens
+    assert tokens("--method", "standard", "--proposal-temp", "1e-30") == greedy
+    assert len(tokens("--method", "standard", "--proposal-temp", "1e30")) >= 1
 
 
 @pytest.mark.parametrize("prompt", ["", "   \n"])
