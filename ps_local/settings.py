@@ -11,6 +11,17 @@ METHODS = ("power", "smc", "ppt", "low-temp", "standard", "greedy")
 PPT_REPLICAS = 4  # rungs of the default ladder (gains saturate around 4-5 in the PPT paper)
 DEFAULT_MAX_TOKENS = 3072
 TABLE_SIZE = 256  # most tokens a proposal table keeps (samplers/proposal.py)
+# The proposal tempers float32 logits: exp((logit - max) * float32(1 / tau)), tau = 1/alpha
+# unless set. 1/tau past float32's 3.4e38 (tau < 2.9e-39, alpha > 3.4e38) is inf, and the
+# top token's 0 * inf is NaN: every weight NaN (IndexError in power and ppt, ValueError in smc).
+# 1/tau = 0 (tau > 1.4e45) makes a -inf logit's weight NaN. These bounds keep 1/tau a normal
+# float32 with eight orders of magnitude to spare, so that (logit - max) / tau also stays
+# finite for logit gaps up to 3e8 (alpha = 1e38 still samples, but numpy warns of overflow on
+# stderr). At the bounds the draws are greedy's (tau = 1e-30) or uniform (tau = 1e30), as they
+# should be (tests/test_settings.py).
+MAX_ALPHA = 1e30
+MIN_TEMP = 1e-30
+MAX_TEMP = 1e30
 
 
 @dataclass(frozen=True)
@@ -62,15 +73,16 @@ class SamplingSettings:
         """Raise ValueError with a one-line message for any setting that makes no sense."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if math.isnan(self.alpha) or self.alpha < 1:
-            raise ValueError(f"--alpha must be a number >= 1 (or inf), got {self.alpha}")
+        if not (1 <= self.alpha <= MAX_ALPHA or self.alpha == math.inf):
+            raise ValueError(f"--alpha must be a number >= 1 and <= {MAX_ALPHA:g}, or inf, got {self.alpha}")
         for name, value in (("--block-size", self.block_size), ("--max-tokens", self.max_tokens)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         if self.mcmc_steps < 0:
             raise ValueError(f"--mcmc-steps must be >= 0, got {self.mcmc_steps}")
-        if self.proposal_temp is not None and not (0 < self.proposal_temp < math.inf):
-            raise ValueError(f"--proposal-temp must be a positive finite number, got {self.proposal_temp}")
+        if self.proposal_temp is not None and not MIN_TEMP <= self.proposal_temp <= MAX_TEMP:
+            raise ValueError(f"--proposal-temp must be a number >= {MIN_TEMP:g} and <= {MAX_TEMP:g}, "
+                             f"got {self.proposal_temp}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"--seed must be an integer from 0 to 2^63 - 1, got {self.seed}")
         if self.table_size < 1:
@@ -99,8 +111,8 @@ class SamplingSettings:
         ladder = self.power_ladder
         if not 2 <= len(ladder) <= 16:
             raise ValueError(f"--ladder needs 2 to 16 rungs, got {len(ladder)}")
-        if any(math.isnan(a) or not 1 <= a < math.inf for a in ladder):
-            raise ValueError(f"--ladder rungs must be finite numbers >= 1, got {_rungs(ladder)}")
+        if not all(1 <= a <= MAX_ALPHA for a in ladder):
+            raise ValueError(f"--ladder rungs must be numbers >= 1 and <= {MAX_ALPHA:g}, got {_rungs(ladder)}")
         if any(b <= a for a, b in zip(ladder, ladder[1:])):
             raise ValueError(f"--ladder must rise strictly, got {_rungs(ladder)}")
         if ladder[-1] != self.alpha:
