@@ -163,6 +163,10 @@ class Config:
 def prompt_text(rng: random.Random, config: Config) -> str:
     if config.words:
         return " ".join(rng.choice(config.words) for _ in range(rng.randint(1, 6)))
+    if not config.chat and rng.random() < 0.5:
+        # A model without a chat template: the shared system prompt as plain text, so the prompt
+        # cache still sees common prefixes.
+        return f"{config.system}\n\nQ: {question(rng, config)} A:"
     return rng.choice(NATURAL_PROMPTS)
 
 

@@ -331,3 +331,18 @@ def test_a_dropped_cached_prompt_does_not_overflow_llama_cpp(llama_engine, seed)
     run_to_the_end(scheduler, [first, second])
     assert first.error is None and second.error is None
     assert len(first.result()[0].tokens) + len(second.result()[0].tokens) > LLAMA_CELLS - 110  # they ran long
+
+
+def test_a_waiting_job_keeps_its_own_logits_row_not_the_whole_step():
+    """Finding 3: a job whose prompt was decoded but whose chains wait keeps a copy of its row;
+    a view would pin the step's whole logits array (26 MB on a 262k vocabulary) per job."""
+    engine = engine_with(400)
+    scheduler = Scheduler(engine, slots=32, max_chains=1, cells=400)
+    settings = SamplingSettings(method="standard", max_tokens=6, seed=1)
+    first = scheduler.submit(Job([1, 2], settings, [0]))
+    second = scheduler.submit(Job([3, 4], replace(settings, seed=2), [0]))
+    scheduler.step()
+    scheduler.step()
+    waiting = [admission for admission in scheduler._queue if admission.job is second]
+    assert waiting and waiting[0].prompt_logits is not None and not first.done.is_set()
+    assert waiting[0].prompt_logits.base is None and waiting[0].prompt_logits.shape == (engine.n_vocab,)

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..api import Model
 from ..errors import PsLocalError, UserError
-from ..prompts import chat_tokens, render_messages
+from ..prompts import chat_tokens
 from ..scheduler import Job, JobCancelled
 from ..settings import Sample
 from .api_errors import NO_CHAT_TEMPLATE, ApiError, api_wording, field_of, validation_error
@@ -140,9 +140,10 @@ def create_app(model: Model, model_id: str, *, api_key: str | None = None, max_q
         sampling = admit(body, chat=True)
 
         def tokens() -> list[int]:
-            if engine.chat_template() is None:  # said in the API's words, not render_messages' CLI ones
+            if engine.chat_template() is None:  # said in the API's words, not the CLI's
                 raise ApiError(400, NO_CHAT_TEMPLATE, "messages", code="no_chat_template")
-            return chat_tokens(engine, render_messages(engine, body.conversation()))
+            # The template's own markers are control tokens; a marker typed into content stays text.
+            return chat_tokens(engine, body.conversation())
 
         return await respond(request, sampling, await client_errors("messages", tokens), chat=True)
 
