@@ -81,6 +81,10 @@ def random_prompt(rng: random.Random, bases: list[list[int]]) -> list[int]:
     return base[:cut] + [rng.randint(1, 11) for _ in range(rng.choice([0, 0, 1, 3, 6]))]
 
 
+def broken_callback(index, sample) -> None:
+    raise RuntimeError("the client's callback broke")
+
+
 def random_arrivals(rng: random.Random) -> list[Arrival]:
     bases = [[rng.randint(1, 11) for _ in range(rng.randint(2, 9))] for _ in range(3)]
     arrivals, step = [], 0
@@ -93,8 +97,7 @@ def random_arrivals(rng: random.Random) -> list[Arrival]:
         if fails and rng.random() < 0.5:
             prompt = NAN_PREFIX + prompt
         elif fails:
-            def on_sample(index, sample):
-                raise RuntimeError("the client's callback broke")
+            on_sample = broken_callback
         cancel_at = step + rng.randint(0, 12) if rng.random() < 0.2 else None
         arrivals.append(Arrival(step, Job(prompt, settings, list(range(chains)), width, on_sample=on_sample),
                                 cancel_at, fails))
