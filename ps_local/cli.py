@@ -271,10 +271,11 @@ def eval_run(context: click.Context, model: str, task: str, methods: str, num_sa
              parallel: int, out: Path | None, shard: str | None, data: Path | None, grader: str, chat: bool, system: str | None,
              quiet: bool, **options: Any) -> None:
     """Sample every problem with each method, grade, and summarize (resumable)."""
-    from .evaluate import EvalPlan, parse_shard, run_eval, summarize, summary_table, write_summary
+    from .eval.run import EvalPlan, parse_shard, run_eval
+    from .eval.summary import summarize, summary_table, write_summary
     from .models import resolve_model
     from .session import Session
-    from .tasks import load_task
+    from .eval.tasks import load_task
 
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
     unknown = [m for m in chosen if m not in METHODS]
@@ -306,7 +307,8 @@ def eval_run(context: click.Context, model: str, task: str, methods: str, num_sa
               help="Where the merged summary goes [default: the first DIRECTORY].")
 def eval_merge(directories: tuple[Path, ...], out: Path | None) -> None:
     """Summarize the results of several runs or shards together."""
-    from .evaluate import check_mergeable, read_results, summarize, summary_table, write_summary
+    from .eval.run import read_results
+    from .eval.summary import check_mergeable, summarize, summary_table, write_summary
 
     missing = [str(d) for d in directories if not d.is_dir()]
     if missing:

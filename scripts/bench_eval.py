@@ -17,11 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from ps_local.evaluate import GRADING_WORKERS, EvalPlan, run_eval, summarize
+from ps_local.eval.run import GRADING_WORKERS, EvalPlan, run_eval
+from ps_local.eval.summary import summarize
 from ps_local.models import resolve_model
 from ps_local.session import RuntimeOptions, Session
 from ps_local.settings import SamplingSettings
-from ps_local.tasks import load_task
+from ps_local.eval.tasks import load_task
 
 
 def main() -> None:

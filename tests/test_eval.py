@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ps_local.evaluate import pass_at_k, read_results
-from ps_local.grading.code import check_program, run_tests
-from ps_local.grading.math import are_equivalent, grade, is_equivalent, last_boxed
+from ps_local.eval.run import read_results
+from ps_local.eval.summary import pass_at_k
+from ps_local.eval.grading.code import check_program, run_tests
+from ps_local.eval.grading.math import are_equivalent, grade, is_equivalent, last_boxed
 
 MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "MATH500.json"
 
@@ -302,7 +303,7 @@ def test_stopping_ps_local_during_a_check_leaves_no_process(tmp_path, stop):
     started = tmp_path / "started"
     program = f"import os\nopen({str(started)!r}, 'w').close()\nos.fork()\nwhile True: pass\n"
     driver = ("import signal, sys\nfrom ps_local.cli import _terminate\n"
-              "signal.signal(signal.SIGTERM, _terminate)\nfrom ps_local.grading.code import run_tests\n"
+              "signal.signal(signal.SIGTERM, _terminate)\nfrom ps_local.eval.grading.code import run_tests\n"
               f"try:\n    run_tests({program!r}, time_limit_s=120)\n"
               "except BaseException as error:\n    print(type(error).__name__)\n    sys.exit(1)\n")
     before = exec_folders()
@@ -344,7 +345,7 @@ def test_math_grading_without_its_verifier_is_refused_at_start(monkeypatch):
     import importlib.util
 
     from ps_local.errors import UserError
-    from ps_local.tasks import load_task
+    from ps_local.eval.tasks import load_task
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
@@ -353,7 +354,7 @@ def test_math_grading_without_its_verifier_is_refused_at_start(monkeypatch):
 
 
 def _needs_a_process_limit():
-    from ps_local.grading.sandbox import process_limit
+    from ps_local.eval.grading.sandbox import process_limit
 
     if process_limit() is None:
         pytest.skip("running as root without a writable pids cgroup: nothing here bounds the process count")
@@ -377,7 +378,7 @@ print(made)
 def test_the_process_limit_binds():
     """The program may start its allowance of processes and no more; a larger allowance lets it
     start more (the limit, not something else, is what stops it)."""
-    from ps_local.grading.sandbox import Limits, run_python
+    from ps_local.eval.grading.sandbox import Limits, run_python
 
     _needs_a_process_limit()
     made = {n: int(run_python(CHILDREN, Limits(wall_s=20, processes=n)).stdout) for n in (8, 32)}
@@ -390,7 +391,7 @@ def test_a_fork_bomb_is_contained():
     (processes, folder, cgroup) is left when the check ends."""
     import threading
 
-    from ps_local.grading.sandbox import Limits, run_python
+    from ps_local.eval.grading.sandbox import Limits, run_python
 
     _needs_a_process_limit()
     marker = "ps_local_fork_bomb_marker"
@@ -416,7 +417,7 @@ def test_a_fork_bomb_is_contained():
     time.sleep(0.2)
     assert [c for c in sandbox_processes("ps-local-exec-") if "program.py" in c] == []
     assert exec_folders() - before == set()
-    from ps_local.grading import pids_cgroup
+    from ps_local.eval.grading import pids_cgroup
 
     parent = pids_cgroup._parent()
     if parent is not None:  # its cgroup is gone too
@@ -424,8 +425,8 @@ def test_a_fork_bomb_is_contained():
 
 
 def test_a_process_that_leaves_the_group_is_killed_where_there_is_a_cgroup():
-    from ps_local.grading import pids_cgroup
-    from ps_local.grading.sandbox import run_python
+    from ps_local.eval.grading import pids_cgroup
+    from ps_local.eval.grading.sandbox import run_python
 
     if not pids_cgroup.available():
         pytest.skip("no writable pids cgroup: a setsid escapee is bound only by its CPU limit (documented)")

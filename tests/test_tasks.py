@@ -114,10 +114,10 @@ def test_grading_runs_beside_the_sampling(tiny_gguf, words, tmp_path):
     sample still gets its line."""
     import threading
 
-    from ps_local.evaluate import EvalPlan, read_results, run_eval
+    from ps_local.eval.run import EvalPlan, read_results, run_eval
     from ps_local.session import Session
     from ps_local.settings import SamplingSettings
-    from ps_local.tasks import Grade, load_task
+    from ps_local.eval.tasks import Grade, load_task
 
     task = load_task(str(words), grader="regex")
     threads: list[str] = []

@@ -8,10 +8,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 from .grading import code as code_grading
 from .grading import math as math_grading
-from .prompts import CODE_STOPS
+from ..prompts import CODE_STOPS
 
 MATH500_REPO = "HuggingFaceH4/MATH-500"
 MATH500_FILE = "test.jsonl"

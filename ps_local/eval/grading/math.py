@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import replace
 
-from ..errors import UserError
+from ...errors import UserError
 from .sandbox import Limits, run_python
 
 

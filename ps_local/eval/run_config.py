@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import UserError
-from .settings import SamplingSettings
+from .. import __version__
+from ..errors import UserError
+from ..settings import SamplingSettings
 
 CONFIG_FILE = "run.json"
 _EDGE = 1 << 20  # bytes hashed at each end of a model file: fast for many-GB files
