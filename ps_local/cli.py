@@ -322,6 +322,34 @@ def eval_merge(directories: tuple[Path, ...], out: Path | None) -> None:
     click.echo(summary_table(summary))
 
 
+@eval_group.command("regrade")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--workers", type=int, default=2, show_default=True, help="Checks run at once (each in the sandbox).")
+@click.option("--grader", type=click.Choice(["exact", "regex"]), default=None,
+              help="For a JSONL task whose folder does not record its grader.")
+def eval_regrade(directory: Path, workers: int, grader: str | None) -> None:
+    """Grade DIRECTORY's results again with the current graders, without sampling.
+
+    The new verdicts replace the old ones only once every line is graded: an interrupted
+    regrade leaves the results as they were. The summary is then written again.
+    """
+    from .eval.regrade import regrade
+    from .eval.run import read_results
+    from .eval.summary import summarize, summary_table, write_summary
+
+    if not directory.is_dir():
+        raise UserError(f"not a results directory: {directory}")
+    if workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {workers}")
+    report = regrade(directory, workers, grader, log=lambda line: click.echo(line, err=True))
+    summary = summarize(read_results([directory]))
+    write_summary(summary, directory)
+    click.echo(summary_table(summary))
+    click.echo(f"regraded {report.lines} lines in {report.files} file{'s' if report.files > 1 else ''} in "
+               f"{report.seconds:.1f} s: {report.changed} verdicts changed ({report.now_correct} now correct, "
+               f"{report.now_wrong} now wrong)", err=True)
+
+
 @cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
 @click.pass_context

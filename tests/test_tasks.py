@@ -53,11 +53,52 @@ def test_a_problem_that_does_not_fit_is_skipped_not_fatal(tiny_gguf, tmp_path):
     assert {line["id"] for line in lines if line.get("status") != "skipped"} == {"short", "short2"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["power"]["problems"] == 2 and summary["power"]["skipped"] == 1
-    # A rerun finds nothing left to do.
+    # A rerun tries the skipped problem again; it still does not fit, and nothing is added.
     again = ps_local("eval", str(tiny_gguf), str(task), "--methods", "power,standard", "--out", str(out),
                      "--ctx", "16", "--max-tokens", "4", "--mcmc-steps", "2", "--block-size", "4")
-    assert again.returncode == 0 and "skipped (" not in again.stderr
+    assert again.returncode == 0 and again.stderr.count("skipped (") == 2 and "correct" not in again.stderr
     assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)
+    # With room (a larger --ctx, the same explicit --max-tokens: the same configuration), it runs.
+    roomy = ps_local("eval", str(tiny_gguf), str(task), "--methods", "power,standard", "--out", str(out),
+                     "--ctx", "64", "--max-tokens", "4", "--mcmc-steps", "2", "--block-size", "4")
+    assert roomy.returncode == 0, roomy.stderr
+    assert roomy.stderr.count("correct") == 2  # only the long problem's two methods were sampled
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["power"]["problems"] == 3 and summary["power"]["skipped"] == 0
+
+
+def test_a_rerun_with_another_effective_length_or_cache_is_refused(tiny_gguf, tmp_path):
+    """Without --max-tokens, --ctx sets each sample's length bound: a rerun with another --ctx
+    would mix two distributions, so it is refused with what differs."""
+    task = write_task(tmp_path / "task.jsonl", [{"id": "a", "prompt": "yes", "answer": "yes"}])
+    out = tmp_path / "out"
+    common = ["--methods", "standard", "--out", str(out), "--threads", "2", "--seed", "1"]
+    first = ps_local("eval", str(tiny_gguf), str(task), "--ctx", "24", *common)
+    assert first.returncode == 0, first.stderr
+    config = json.loads((out / "run.json").read_text())
+    assert config["settings"]["max_tokens"] == "min(3072, 24 - prompt tokens)"
+    assert config["runtime"] == {"cache_type": "f16"} and config["task"]["grader"] == "exact"
+    other = ps_local("eval", str(tiny_gguf), str(task), "--ctx", "32", *common)
+    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
+    assert "settings.max_tokens: min(3072, 24 - prompt tokens) -> min(3072, 32 - prompt tokens)" in other.stderr
+
+
+def test_the_cache_type_is_part_of_the_configuration(tiny_gguf, tmp_path):
+    """q8_0 changes the model's logits (the tiny model's heads are too small for it, so this is
+    checked on the configuration itself)."""
+    from ps_local.eval.run_config import claim_folder, run_config
+    from ps_local.eval.tasks import Problem
+    from ps_local.errors import UserError
+    from ps_local.settings import SamplingSettings
+
+    def config(cache_type: str) -> dict:
+        return run_config(tiny_gguf, "t", "exact", [Problem("a", "yes", "yes")], {}, SamplingSettings(seed=1),
+                          4096, cache_type)
+
+    claim_folder(tmp_path, config("f16"))
+    claim_folder(tmp_path, config("f16"))  # the same: resumes
+    with pytest.raises(UserError, match="runtime.cache_type: f16 -> q8_0"):
+        claim_folder(tmp_path, config("q8_0"))
 
 
 # -- a run knows what produced it -------------------------------------------------------------

@@ -69,9 +69,9 @@ def results_file(plan: EvalPlan) -> Path:
 
 def read_results(directories: Iterable[Path]) -> list[dict[str, Any]]:
     """Every result line under the directories, once per (problem, method, sample, run seed):
-    shards of one run add up, independent runs with other seeds add their samples."""
-    seen: set[tuple[str, str, int, Any]] = set()
-    records = []
+    shards of one run add up, independent runs with other seeds add their samples. A sample
+    drawn after its problem was once skipped (a rerun with more room) replaces the skip."""
+    chosen: dict[tuple[str, str, int, Any], dict[str, Any]] = {}
     for directory in directories:
         for path in sorted(Path(directory).glob(RESULTS_GLOB)):
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -80,10 +80,9 @@ def read_results(directories: Iterable[Path]) -> list[dict[str, Any]]:
                 except json.JSONDecodeError:
                     continue  # a line cut by an interruption: that sample runs again
                 key = (record["id"], record["method"], record["sample"], record.get("run_seed"))
-                if key not in seen:
-                    seen.add(key)
-                    records.append(record)
-    return records
+                if key not in chosen or (chosen[key].get("status") == "skipped" and record.get("status") != "skipped"):
+                    chosen[key] = record
+    return list(chosen.values())
 
 
 def problem_seed(seed: int, problem_id: str, method: str) -> int:
@@ -104,15 +103,19 @@ def run_eval(
     seed = base.seed if base.seed is not None else 0
     stops = tuple(dict.fromkeys(base.stop + task.stops))
     prompt_settings = PromptSettings(task.template, plan.chat, plan.system)
-    config = run_config(session.engine.path, task.name, task.problems,
+    config = run_config(session.engine.path, task.name, task.grader, task.problems,
                         {"template": task.template, "chat": plan.chat, "system": plan.system},
-                        replace(base, seed=seed, stop=stops))
+                        replace(base, seed=seed, stop=stops), session.options.ctx or session.engine.n_ctx_train,
+                        session.options.cache_type)
     claim_folder(plan.out, config)  # refuses a folder that holds another configuration's results
     if task.grader in SANDBOXED_GRADERS and process_limit() is None:
         log("warning: running as root without a writable pids cgroup, so nothing bounds how many "
             "processes a graded program starts; run as a normal user or in a container with a pids limit")
     stamp = {"config": fingerprint(config), "run_seed": seed}
-    done = {(r["id"], r["method"], r["sample"]) for r in read_results([plan.out])}
+    recorded = read_results([plan.out])
+    done = {(r["id"], r["method"], r["sample"]) for r in recorded if r.get("status") != "skipped"}
+    # A problem skipped before (its prompt did not fit) is tried again; recorded once per reason.
+    skipped = {(r["id"], r["method"], r["sample"], r.get("reason")) for r in recorded if r.get("status") == "skipped"}
     problems = select_problems(task, plan)
     prompts = {problem.id: prompt_tokens(session.engine, problem.prompt, prompt_settings) for problem in problems}
     # Room for `parallel` requests at once (the cache grows only while nothing runs).
@@ -138,9 +141,10 @@ def run_eval(
                     if unfit is not None:
                         # One problem that cannot run must not end the evaluation: it is recorded.
                         for index in missing:
-                            graders.write({"id": problem.id, "method": method, "sample": index,
-                                           "prompt": problem.prompt, "status": "skipped", "reason": unfit,
-                                           "correct": False, **stamp})
+                            if (problem.id, method, index, unfit) not in skipped:
+                                graders.write({"id": problem.id, "method": method, "sample": index,
+                                               "prompt": problem.prompt, "status": "skipped", "reason": unfit,
+                                               "correct": False, **stamp})
                         log(f"[{number}/{len(problems)}] {problem.id} {method}: skipped ({unfit})")
                         continue
                     settings = replace(base, method=method, seed=problem_seed(seed, problem.id, method), stop=stops)
@@ -223,14 +227,12 @@ class GradingPool:
             self._futures.append(self._pool.submit(self._grade, label, problem, sample, line))
 
     def _grade(self, label: str, problem: Problem, sample: Sample, line: dict[str, Any]) -> None:
-        grade = self.task.grade(problem, sample.text)
-        line.update({"extracted": grade.extracted if self.task.grader != "code" else None,
-                     "correct": grade.correct, "status": grade.status})
+        line.update(self.task.verdict(problem, sample.text))
         with self._lock:
             _write(self.out, line)
             tally = self._tally[label]  # under the lock: the graders share it
             tally[0] -= 1
-            tally[1] += grade.correct
+            tally[1] += line["correct"]
             if tally[0] == 0:
                 self.log(f"{label}: {tally[1]}/{tally[2]} correct")
 

@@ -1,4 +1,5 @@
-"""What produced an evaluation's results: model, task, prompts, sampling settings, version.
+"""What produced an evaluation's results: model, task, prompts, sampling settings, the effective
+length bound and KV cache type, version.
 
 ``ps-local eval`` writes it to ``OUT/run.json`` and stamps every result line with its
 fingerprint, so that a rerun with another model or other settings cannot mix its samples
@@ -18,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import UserError
-from ..settings import SamplingSettings
+from ..settings import DEFAULT_MAX_TOKENS, SamplingSettings
 
 CONFIG_FILE = "run.json"
 _EDGE = 1 << 20  # bytes hashed at each end of a model file: fast for many-GB files
@@ -43,18 +44,30 @@ def problems_digest(problems: list[Any]) -> str:
     return digest.hexdigest()
 
 
-def run_config(model: Path, task_name: str, problems: list[Any], prompt: dict[str, Any],
-               settings: SamplingSettings) -> dict[str, Any]:
+def effective_max_tokens(settings: SamplingSettings, context: int) -> int | str:
+    """What bounds a sample's length: ``--max-tokens`` when given, else the rule the session
+    applies per prompt (``--ctx`` or the model's context then decides the length)."""
+    if settings.max_tokens is not None:
+        return settings.max_tokens
+    return f"min({DEFAULT_MAX_TOKENS}, {context} - prompt tokens)"
+
+
+def run_config(model: Path, task_name: str, grader: str, problems: list[Any], prompt: dict[str, Any],
+               settings: SamplingSettings, context: int, cache_type: str) -> dict[str, Any]:
+    """Everything that decides the distribution of a folder's samples (seed aside). ``context``
+    is the tokens per sequence (``--ctx`` or the model's), ``cache_type`` the KV cache's element
+    type, which changes the model's logits."""
     return {
         "ps_local_version": __version__,
         "model": model_fingerprint(model),
-        "task": {"name": task_name, "problems": problems_digest(problems)},
+        "task": {"name": task_name, "grader": grader, "problems": problems_digest(problems)},
         "prompt": prompt,
+        "runtime": {"cache_type": cache_type},
         "settings": {
             "alpha": str(settings.alpha),  # JSON has no inf
             "block_size": settings.block_size,
             "mcmc_steps": settings.mcmc_steps,
-            "max_tokens": settings.max_tokens,
+            "max_tokens": effective_max_tokens(settings, context),
             "proposal_temp": settings.proposal_temp,
             "stop": list(settings.stop),
             "table_size": settings.table_size,
@@ -63,6 +76,10 @@ def run_config(model: Path, task_name: str, problems: list[Any], prompt: dict[st
             "smc_check_every": settings.smc_check_every,
             "smc_ramp": settings.smc_ramp,
             "ladder": list(settings.power_ladder) if 1 < settings.alpha < math.inf else None,  # ppt
+            # Switches only tests turn off, each of which changes the target.
+            "length_term": settings.length_term,
+            "smc_weights": settings.smc_weights,
+            "swap_correction": settings.swap_correction,
         },
         "seed": settings.seed if settings.seed is not None else 0,
     }

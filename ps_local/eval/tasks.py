@@ -7,6 +7,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from .grading import code as code_grading
@@ -56,6 +57,12 @@ class Task:
         else:
             correct = answer == (problem.answer or "").strip()
         return Grade(answer, correct, "correct" if correct else "wrong")
+
+    def verdict(self, problem: Problem, completion: str) -> dict[str, Any]:
+        """The grade of ``completion`` as a result line records it."""
+        grade = self.grade(problem, completion)
+        return {"extracted": grade.extracted if self.grader != "code" else None, "correct": grade.correct,
+                "status": grade.status}
 
 
 def _read_records(path: Path) -> list[dict]:
