@@ -48,8 +48,7 @@ class Task:
             return Grade(answer, correct, "correct" if correct else ("no answer" if answer is None else "wrong"))
         if self.grader == "code":
             assert problem.test is not None and problem.entry_point is not None
-            program = code_grading.check_program(problem.prompt, completion, problem.test, problem.entry_point)
-            result = code_grading.run_tests(program)
+            result = code_grading.grade_completion(problem.prompt, completion, problem.test, problem.entry_point)
             return Grade(completion, result.passed, result.status)
         answer = completion.strip()
         if self.grader == "regex":
