@@ -417,18 +417,17 @@ def test_a_fork_bomb_is_contained():
     time.sleep(0.2)
     assert [c for c in sandbox_processes("ps-local-exec-") if "program.py" in c] == []
     assert exec_folders() - before == set()
-    from ps_local.eval.grading import pids_cgroup
+    from ps_local.eval.grading import cgroup as run_cgroup
 
-    parent = pids_cgroup._parent()
-    if parent is not None:  # its cgroup is gone too
-        assert [d for d in os.listdir(parent) if d.startswith(f"ps-local-{os.getpid()}-")] == []
+    for hierarchy in run_cgroup._hierarchies():  # its cgroup is gone too
+        assert [d for d in os.listdir(hierarchy.path) if d.startswith(f"ps-local-{os.getpid()}-")] == []
 
 
 def test_a_process_that_leaves_the_group_is_killed_where_there_is_a_cgroup():
-    from ps_local.eval.grading import pids_cgroup
+    from ps_local.eval.grading import cgroup as run_cgroup
     from ps_local.eval.grading.sandbox import run_python
 
-    if not pids_cgroup.available():
+    if not run_cgroup.available("pids"):
         pytest.skip("no writable pids cgroup: a setsid escapee is bound only by its CPU limit (documented)")
     marker = "ps_local_setsid_marker"
     program = (f"import os, subprocess, sys\nsubprocess.Popen([sys.executable, '-c', "

@@ -22,7 +22,7 @@ from ..prompts import PromptSettings, prompt_tokens
 from ..scheduler import Job
 from ..session import Session
 from ..settings import Sample, SamplingSettings
-from .grading.sandbox import process_limit
+from .grading.sandbox import gaps
 from .run_config import claim_folder, fingerprint, run_config
 from .tasks import Problem, Task
 
@@ -108,9 +108,9 @@ def run_eval(
                         replace(base, seed=seed, stop=stops), session.options.ctx or session.engine.n_ctx_train,
                         session.options.cache_type)
     claim_folder(plan.out, config)  # refuses a folder that holds another configuration's results
-    if task.grader in SANDBOXED_GRADERS and process_limit() is None:
-        log("warning: running as root without a writable pids cgroup, so nothing bounds how many "
-            "processes a graded program starts; run as a normal user or in a container with a pids limit")
+    if task.grader in SANDBOXED_GRADERS:
+        for gap in gaps():  # what the sandbox cannot bound on this machine
+            log(f"warning: {gap}")
     stamp = {"config": fingerprint(config), "run_seed": seed}
     recorded = read_results([plan.out])
     done = {(r["id"], r["method"], r["sample"]) for r in recorded if r.get("status") != "skipped"}

@@ -2,24 +2,39 @@
 
 Each run gets a fresh temporary folder, a Python interpreter in isolated mode started through
 the ``limited.py`` wrapper (CPU time, memory, process count, file size and open files
-limited), its own session and process group, a pids cgroup where one can be made
-(pids_cgroup.py), and a wall-clock limit. When the run ends, however it ends (normal exit,
+limited, the network cut), its own session and process group, a cgroup where one can be made
+(cgroup.py), and a wall-clock limit. When the run ends, however it ends (normal exit,
 time-out, Ctrl-C or SIGTERM of ps-local), the whole process group and everything in its cgroup
-is killed and the folder removed.
+is killed and the folder removed; the cgroups of a ps-local that was SIGKILLed are removed by
+the next one.
 
-The process count is bounded by the cgroup where there is one, else by RLIMIT_NPROC, which the
-kernel does not apply to root: as root without a writable pids cgroup (a default Docker
-container), nothing in ps-local bounds it (``process_limit()`` says so and eval warns), so give
-the container a ``--pids-limit``. Without a cgroup, a program that starts a new session
-(``setsid``) leaves the process group and outlives the kill, bound only by its own CPU limit (a
-sleeping one can stay). Memory is limited per process, not in total (at most ``processes``
-times the limit). Many files each under the size limit can still fill a disk within the time
-limit; the network is open; a kernel exploit is out of scope. Run evaluations of untrusted
-models in a container or VM (see the README).
+What holds where (``process_limit()``, ``memory_limit()`` and ``network_isolation()`` say it
+for this machine):
+
+* processes: bounded by the cgroup's ``pids.max`` where there is a pids cgroup, else by
+  RLIMIT_NPROC, which the kernel does not apply to root: as root without a writable pids cgroup
+  (a default Docker container), nothing in ps-local bounds it (eval warns), so give the
+  container a ``--pids-limit``. Without a cgroup, a program that starts a new session
+  (``setsid``) leaves the process group and outlives the kill, bound only by its own CPU limit
+  (a sleeping one can stay).
+* memory: each process's address space by RLIMIT_AS; the run's total by the cgroup's memory
+  limit (the same number, no swap) where there is a memory cgroup, else only per process (at
+  most ``processes`` times the limit).
+* network: none, in a new network namespace (only a loopback interface) made by limited.py as
+  root or, for a normal user, inside a user namespace where the kernel allows unprivileged ones,
+  else by bubblewrap (``bwrap``) where it is installed and works; where none of them can, the
+  program has the network (``gaps()`` says so, for eval to warn). A run whose namespace cannot
+  be made where the probe made one does not run.
+
+Many files each under the size limit can still fill a disk within the time limit; a program run
+as root can undo what root can (leave its cgroup, enter another network namespace); a kernel
+exploit is out of scope. Run evaluations of untrusted models as a normal user in a container or
+VM (see the README).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -29,7 +44,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import pids_cgroup
+from . import cgroup as run_cgroup
 
 WRAPPER = Path(__file__).resolve().with_name("limited.py")
 
@@ -57,15 +72,20 @@ def run_python(program: str, limits: Limits = Limits(), stdin: bytes = b"") -> R
     """Run ``program`` (Python source) in the sandbox; its stdout is returned (stderr dropped)."""
     workdir = Path(tempfile.mkdtemp(prefix="ps-local-exec-"))
     process: subprocess.Popen[bytes] | None = None
-    cgroup: pids_cgroup.PidsCgroup | None = None
+    cgroup: run_cgroup.RunCgroup | None = None
     try:
-        cgroup = pids_cgroup.create(limits.processes + 1)  # the program and its processes
+        network = _network()
+        network_option = network[0] if network is not None else "open"
+        # bubblewrap stays as the program's parent: one more process.
+        processes = limits.processes + (1 if network_option.startswith("bwrap:") else 0)
+        cgroup = run_cgroup.create(processes + 1, limits.memory_bytes)  # the program and its processes
         script = workdir / "program.py"
         script.write_text(program, encoding="utf-8")
         command = [
             sys.executable, "-I", str(WRAPPER),
-            str(limits.cpu_s), str(limits.memory_bytes), str(limits.processes), str(limits.file_bytes),
-            str(cgroup.join_file) if cgroup is not None else "-", "--",
+            f"cpu={limits.cpu_s}", f"memory={limits.memory_bytes}", f"processes={processes}",
+            f"file={limits.file_bytes}", f"network={network_option}",
+            *(f"join={path}" for path in (cgroup.join_files if cgroup is not None else [])), "--",
             sys.executable, "-I", str(script),
         ]
         (workdir / "stdin").write_bytes(stdin)
@@ -96,10 +116,59 @@ def run_python(program: str, limits: Limits = Limits(), stdin: bytes = b"") -> R
 
 def process_limit() -> str | None:
     """What bounds a sandboxed program's process count here, or None when nothing does."""
-    if pids_cgroup.available():
+    if run_cgroup.available("pids"):
         return "a pids cgroup"
     if os.geteuid() != 0:
         return "RLIMIT_NPROC"
+    return None
+
+
+def memory_limit() -> str:
+    """What bounds a sandboxed run's memory here: in total, or only each process's."""
+    if run_cgroup.available("memory"):
+        return "a memory cgroup (the run in total)"
+    return "RLIMIT_AS (each process, not in total)"
+
+
+def network_isolation() -> str | None:
+    """What keeps a sandboxed program off the network here, or None when nothing does."""
+    network = _network()
+    return network[1] if network is not None else None
+
+
+def gaps() -> list[str]:
+    """What the sandbox cannot bound on this machine, for eval to print once at start."""
+    found = []
+    if process_limit() is None:
+        found.append("running as root without a writable pids cgroup, so nothing bounds how many "
+                     "processes a graded program starts; run as a normal user or in a container with a pids limit")
+    if network_isolation() is None:
+        found.append("no network namespace can be made here (not root, no unprivileged user namespaces, "
+                     "no working bubblewrap), so graded programs have the network; run in a container "
+                     "or VM without one")
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _network() -> tuple[str, str] | None:
+    """How runs are kept off the network, probed once: limited.py's ``network=`` option and
+    its description, or None."""
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL, "timeout": 30}
+    try:
+        probe = subprocess.run([sys.executable, "-I", str(WRAPPER), "probe-network"], **quiet)
+        if probe.returncode == 0:
+            return "namespace", probe.stdout.decode().strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    bwrap = shutil.which("bwrap")
+    if bwrap is not None:
+        try:
+            command = [bwrap, "--dev-bind", "/", "/", "--unshare-net", "--", sys.executable, "-I", "-c", ""]
+            probe = subprocess.run(command, **quiet)
+            if probe.returncode == 0:
+                return f"bwrap:{bwrap}", "a network namespace made by bubblewrap"
+        except (OSError, subprocess.TimeoutExpired):
+            pass
     return None
 
 
