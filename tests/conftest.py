@@ -13,6 +13,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A program that starts up to 40 sleeping children and prints how many it could (sandbox tests).
+FORK_CHILDREN = """
+import os, time
+made = 0
+for _ in range(40):
+    try:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        made += 1
+    except OSError:
+        pass
+print(made)
+"""
+
+
 
 def write_tiny_model(path: Path, *extra: str) -> Path:
     subprocess.run(

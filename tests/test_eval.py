@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FORK_CHILDREN as CHILDREN
+
 from ps_local.eval.run import read_results
 from ps_local.eval.summary import pass_at_k
 from ps_local.eval.grading.code import check_program, run_tests
-from ps_local.eval.grading.math import are_equivalent, grade, is_equivalent, last_boxed
+from ps_local.eval.grading.math import are_equivalent, grade, last_boxed
 
 MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "MATH500.json"
 
@@ -360,19 +362,6 @@ def _needs_a_process_limit():
         pytest.skip("running as root without a writable pids cgroup: nothing here bounds the process count")
 
 
-CHILDREN = """
-import os, time
-made = 0
-for _ in range(40):
-    try:
-        if os.fork() == 0:
-            time.sleep(30)
-            os._exit(0)
-        made += 1
-    except OSError:
-        pass
-print(made)
-"""
 
 
 def test_the_process_limit_binds():

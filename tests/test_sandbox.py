@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FORK_CHILDREN as CHILDREN
+
 from ps_local.eval.grading import cgroup as run_cgroup
 from ps_local.eval.grading import sandbox
 from ps_local.eval.grading.sandbox import WRAPPER, Limits, run_python
@@ -173,19 +175,6 @@ def test_the_process_limit_still_binds_a_normal_user_in_a_user_namespace():
     assert made[24] > 8
 
 
-CHILDREN = """
-import os, time
-made = 0
-for _ in range(40):
-    try:
-        if os.fork() == 0:
-            time.sleep(30)
-            os._exit(0)
-        made += 1
-    except OSError:
-        pass
-print(made)
-"""
 
 # -- memory ----------------------------------------------------------------------------------
 
