@@ -500,5 +500,9 @@ def main() -> None:
     sys.exit(run_cli(cli))
 
 
+from .chat import chat_command  # noqa: E402 (ps_local/chat/ builds on the option decorators above)
+
+cli.add_command(chat_command())
+
 if __name__ == "__main__":
     main()

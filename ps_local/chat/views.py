@@ -1,0 +1,61 @@
+"""What a terminal shows while an answer is sampled (the seam for a live view of the chain)."""
+
+from __future__ import annotations
+
+from typing import Protocol, TextIO
+
+
+from ..output import ProgressLine
+from ..samplers.base import Progress
+from ..settings import SamplingSettings
+
+
+class AnswerView(Protocol):
+    """Shows an answer while it is being sampled. ``progress`` is the sampler's progress callback
+    (MH steps; the scheduler calls it on the thread that steps, here the main thread). A live
+    view of the chain's text plugs in here: a view with one more callback (the sampler's trace
+    events, say), which :meth:`ChatSession.answer` hands to ``Model.submit`` beside
+    ``progress``."""
+
+    def start(self, settings: SamplingSettings) -> None: ...
+    def progress(self, progress: Progress) -> None: ...
+    def stop(self) -> None: ...  # called before anything else is printed
+
+
+class NoView:
+    def start(self, settings: SamplingSettings) -> None:
+        pass
+
+    def progress(self, progress: Progress) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class ProgressView:
+    """A self-overwriting status line on a terminal: "sampling (power) ..." until the first MH
+    step, then output.ProgressLine's blocks, steps and acceptance."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.line = ProgressLine(stream)
+        self.started = False
+
+    def start(self, settings: SamplingSettings) -> None:
+        self.stream.write(f"\r\x1b[Ksampling ({settings.method}) ... Ctrl-C stops the answer")
+        self.stream.flush()
+        self.started = True
+
+    def progress(self, progress: Progress) -> None:
+        self.line(progress)  # overwrites the line start() wrote
+
+    def stop(self) -> None:
+        self.line.clear()
+        if self.started:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.started = False
+
+
+# -- the conversation ------------------------------------------------------------------------------
