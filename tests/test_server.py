@@ -201,6 +201,31 @@ def test_a_power_sample_streams_only_when_its_chain_ends(client):
     assert [text for text in texts if text] == ([whole.choices[0].text] if whole.choices[0].text else [])
 
 
+def test_a_streamed_power_sample_carries_its_progress_as_comments(server, client):
+    """Progress as SSE comment lines (the status a terminal's progress line shows), which OpenAI
+    clients skip: the openai client still reads the same stream."""
+    import http.client
+
+    body = {"model": MODEL_ID, "prompt": "yes no", "max_tokens": 12, "seed": 5, "stream": True,
+            **POWER, "block_size": 4, "mcmc_steps": 3000}
+    host, port = server[0].removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    raw = connection.getresponse().read().decode()
+    connection.close()
+    statuses = [json.loads(line.removeprefix(": ps-local progress "))
+                for line in raw.splitlines() if line.startswith(": ps-local progress ")]
+    assert statuses, raw[:500]
+    assert {"chain", "block", "blocks", "mh_step", "mh_steps", "accepted", "proposals", "tokens_decoded",
+            "elapsed_s"} <= set(statuses[0])
+    assert statuses[-1]["tokens_decoded"] >= statuses[0]["tokens_decoded"] and statuses[0]["blocks"] == 3
+    assert raw.rstrip().endswith("data: [DONE]")
+    extra = {key: body[key] for key in ("method", "alpha", "block_size", "mcmc_steps")}
+    chunks = list(client.completions.create(model=MODEL_ID, prompt="yes no", max_tokens=12, seed=5, stream=True,
+                                            extra_body=extra))
+    assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
 def test_chat_streaming(client):
     chunks = list(client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "no"}],
                                                  max_tokens=8, seed=1, stream=True,

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sse_starlette.sse import EventSourceResponse
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +33,7 @@ from .. import __version__
 from ..api import Model
 from ..errors import PsLocalError, UserError
 from ..prompts import chat_tokens
+from ..samplers.base import Progress
 from ..scheduler import Job, JobCancelled
 from ..settings import Sample
 from .api_errors import NO_CHAT_TEMPLATE, ApiError, api_wording, field_of, validation_error
@@ -43,6 +44,7 @@ from .requests import ChatCompletionRequest, CompletionRequest, Sampling, Sampli
 from .worker import SchedulerFailed, Worker
 
 POLL_S = 0.02  # how often a waiting handler looks at its job and its client
+PROGRESS_EVERY_S = 1.0  # how often a stream carries a chain's progress (when it has moved)
 CLIENT_CLOSED = 499  # the status logged for a request whose client left (nobody reads it)
 T = TypeVar("T")
 
@@ -181,13 +183,16 @@ def create_app(model: Model, model_id: str, *, api_key: str | None = None, max_q
             if delta:
                 events.put((index, delta))
 
+        feed = ProgressFeed()
         job = await client_errors(
             None, lambda: model.session.submit(tokens, sampling.settings, sampling.n,
                                                concurrent_chains=model.session.options.chains_per_batch,
-                                               on_token=on_token if sampling.stream else None))
+                                               on_token=on_token if sampling.stream else None,
+                                               progress=feed.update if sampling.stream else None))
         reply = Reply(model_id, chat, len(tokens), sampling)
         if sampling.stream:
-            return EventSourceResponse(stream_events(job, events, streams, reply), ping=keepalive_s, sep="\n")
+            return EventSourceResponse(stream_events(job, events, streams, reply, feed), ping=keepalive_s,
+                                       sep="\n")
         if not await settled(request, job):
             return Response(status_code=CLIENT_CLOSED)
         return reply.complete(outcome(job))
@@ -226,13 +231,15 @@ def create_app(model: Model, model_id: str, *, api_key: str | None = None, max_q
             raise ApiError(500, f"sampling failed: {what}", kind="server_error") from None
 
     async def stream_events(job: Job, events: queue.SimpleQueue[tuple[int, str]], streams: dict[int, TextStream],
-                            reply: Reply) -> AsyncIterator[str]:
+                            reply: Reply, feed: "ProgressFeed") -> AsyncIterator[str | ServerSentEvent]:
         try:
             if reply.chat:
                 for index in range(reply.parsed.n):
                     yield reply.chunk(index, {"role": "assistant", "content": ""}, None)
             while not job.done.is_set() and worker.failure is None:
                 await asyncio.sleep(POLL_S)
+                for status in feed.due():  # a power sample's progress, as comments OpenAI clients skip
+                    yield ServerSentEvent(comment=f"ps-local progress {json.dumps(status)}", sep="\n")
                 while not events.empty():
                     index, delta = events.get()
                     yield reply.chunk(index, delta, None)
@@ -253,3 +260,31 @@ def create_app(model: Model, model_id: str, *, api_key: str | None = None, max_q
             job.cancel()  # a client gone mid-stream: its chains stop (nothing if it finished)
 
     return app
+
+
+class ProgressFeed:
+    """The latest progress of each chain of a streamed request, for its stream to send as SSE
+    comments (``: ps-local progress {...}``): the status a terminal's progress line shows
+    (block, MH step, acceptances, tokens decoded, elapsed), which OpenAI clients skip as
+    comments. ``update`` runs on the stepping thread; ``due`` on the event loop."""
+
+    def __init__(self, every_s: float = PROGRESS_EVERY_S):
+        self.every_s = every_s
+        self._latest: dict[int, Progress] = {}
+        self._sent: dict[int, Progress] = {}
+        self._last = 0.0
+
+    def update(self, progress: Progress) -> None:
+        self._latest[progress.chain] = progress  # one assignment: no lock needed under the GIL
+
+    def due(self) -> list[dict[str, Any]]:
+        """The chains' statuses that changed since the last ones sent, at most every ``every_s``."""
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return []
+        self._last = now
+        changed = [p for chain, p in sorted(self._latest.items()) if self._sent.get(chain) is not p]
+        self._sent.update((p.chain, p) for p in changed)
+        return [{"chain": p.chain, "block": p.block, "blocks": p.blocks, "mh_step": p.mh_step,
+                 "mh_steps": p.mh_steps, "accepted": p.accepted, "proposals": p.proposals,
+                 "tokens_decoded": p.tokens_decoded, "elapsed_s": round(p.elapsed_s, 3)} for p in changed]
