@@ -22,6 +22,7 @@ from .samplers.base import ProgressCallback
 from .scheduler import Job, SampleCallback
 from .session import RuntimeOptions, Session
 from .settings import Sample, SamplingSettings, check_request
+from .trace import TraceSink, open_trace
 
 SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
 
@@ -96,13 +97,21 @@ class Model:
         on_sample: SampleCallback | None = None,
         concurrent_chains: int | None = None,
         settings: SamplingSettings | None = None,
+        trace: TraceSink | None = None,
         **setting_values: Any,
     ) -> Job:
         """Queue a request without waiting; ``wait`` (or any ``generate``) runs it. The job's
-        ``result()`` gives its samples; ``cancel()`` stops it."""
+        ``result()`` gives its samples; ``cancel()`` stops it. ``trace`` as in ``generate``."""
         chosen = self._chosen(method, settings, setting_values)
-        return self.session.submit(self.tokens(prompt, chat, system), chosen, n, progress, on_sample,
-                                   concurrent_chains=concurrent_chains)
+        tokens = self.tokens(prompt, chat, system)
+        writer, owned = open_trace(trace)
+        try:
+            return self.session.submit(tokens, chosen, n, progress, on_sample, concurrent_chains=concurrent_chains,
+                                       trace=writer, owns_trace=owned)
+        except BaseException:
+            if owned:
+                writer.close()  # type: ignore[union-attr]
+            raise
 
     def wait(self, jobs: Sequence[Job]) -> None:
         """Run until every job has finished (each may have failed or been cancelled)."""
@@ -119,6 +128,7 @@ class Model:
         progress: ProgressCallback | None = None,
         on_sample: SampleCallback | None = None,
         settings: SamplingSettings | None = None,
+        trace: TraceSink | None = None,
         **setting_values: Any,
     ) -> list[Sample]:
         """Draw ``n`` independent samples of one prompt.
@@ -133,9 +143,15 @@ class Model:
         system message). ``progress`` is called as MH steps finish, ``on_sample(i, sample)``
         as each chain ends. Returns the samples in chain order; each has ``text``, ``tokens``,
         ``logprobs`` and ``stats``.
+
+        ``trace``: where the sampler's events go, one JSON object per event (a header, every MH
+        step, block, SMC resampling, PPT swap and final sample; see ``ps_local.trace``): a path
+        (written, then closed when the request ends), an open text file (JSON lines, flushed),
+        a callable (given each event as a dict), or a ``ps_local.trace.TraceWriter`` shared by
+        several requests. ``ps-local trace FILE`` summarizes a trace file.
         """
         job = self.submit(prompt, method=method, n=n, chat=chat, system=system, progress=progress,
-                          on_sample=on_sample, settings=settings, **setting_values)
+                          on_sample=on_sample, settings=settings, trace=trace, **setting_values)
         self.wait([job])
         return job.result()
 
@@ -149,29 +165,36 @@ class Model:
         system: str | None = None,
         on_sample: Callable[[int, int, Sample], None] | None = None,
         settings: SamplingSettings | None = None,
+        trace: TraceSink | None = None,
         **setting_values: Any,
     ) -> list[list[Sample]]:
         """``generate`` for many prompts at once: their chains share batched decodes, up to
         ``chains_per_batch`` at a time. ``on_sample(prompt_index, chain, sample)``. A prompt's
-        samples do not depend on which others run beside it (exactly so on the numpy toy)."""
+        samples do not depend on which others run beside it (exactly so on the numpy toy).
+        ``trace`` as in ``generate``: one trace, each prompt a job of its own (its header has
+        ``prompt_index``)."""
         if not prompts:
             return []
         chosen = self._chosen(method, settings, setting_values)
         concurrent = min(len(prompts) * n, self.session.options.chains_per_batch)
         tokens = [self.tokens(prompt, chat, system) for prompt in prompts]
         self.session.make_room(sum(map(len, tokens)), [chosen], concurrent)
+        writer, owned = open_trace(trace)
         jobs = []
         try:
             for number, prompt in enumerate(tokens):
                 callback = None if on_sample is None else (
                     lambda index, sample, number=number: on_sample(number, index, sample))
-                jobs.append(self.session.submit(prompt, chosen, n,
-                                                on_sample=callback, concurrent_chains=concurrent))
+                jobs.append(self.session.submit(prompt, chosen, n, on_sample=callback, concurrent_chains=concurrent,
+                                                trace=writer, trace_info={"prompt_index": number}))
             self.wait(jobs)
         except BaseException:
             for job in jobs:
                 job.cancel()
             raise
+        finally:
+            if owned:
+                writer.close()  # type: ignore[union-attr]
         return [job.result() for job in jobs]
 
     def _chosen(self, method: str, settings: SamplingSettings | None, values: dict[str, Any]) -> SamplingSettings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,8 +15,9 @@ import click
 
 from . import __version__
 from .errors import PsLocalError, UserError
+from .live import LiveView
 from .memory import CACHE_TYPES
-from .output import ProgressLine, sample_json, summary_line
+from .output import sample_json, summary_line
 from .prompts import TEMPLATES, PromptSettings, template_stops
 from .server.limits import RequestLimits
 from .settings import METHODS, SamplingSettings, check_request
@@ -146,6 +148,22 @@ def check_explicit_options(context: click.Context, methods: tuple[str, ...]) -> 
                             f"(it is used by {', '.join(users)}); drop it")
 
 
+TRACE_HELP = ("Write every sampler event (MH steps, blocks, SMC resamplings, PPT swaps, final samples) to FILE, "
+              "one JSON line each; `ps-local trace FILE` summarizes it.")
+
+
+@contextlib.contextmanager
+def open_trace_file(path: Path | None) -> Any:
+    """A TraceWriter on ``path`` (None: no trace), closed (flushed) however the run ends."""
+    if path is None:
+        yield None
+        return
+    from .trace import TraceWriter
+
+    with TraceWriter(path) as writer:
+        yield writer
+
+
 def read_prompt(prompt: str | None) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin is None:
@@ -188,10 +206,12 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample, one per line.")
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
 @click.option("--dry-run", is_flag=True, help="Show the KV cache the run would allocate, and stop.")
+@click.option("--trace", "trace_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help=TRACE_HELP)
 @click.pass_context
 def generate(
     context: click.Context, model: str, prompt: str | None, method: str, num_samples: int, as_json: bool,
-    quiet: bool, dry_run: bool, **options: Any
+    quiet: bool, dry_run: bool, trace_file: Path | None, **options: Any
 ) -> None:
     """Sample a continuation of PROMPT (or standard input when PROMPT is - or absent).
 
@@ -207,13 +227,14 @@ def generate(
     check_explicit_options(context, (method,))
     text = read_prompt(prompt)
     runtime = runtime_from(options)
-    progress = ProgressLine(sys.stderr) if not quiet and sys.stderr.isatty() else None
+    live = not quiet and sys.stderr.isatty()
+    progress: LiveView | None = None
     printed = 0
 
     def emit(index: int, result: Any) -> None:
         nonlocal printed
         if progress:
-            progress.clear()
+            progress.done(index)
         if as_json:
             click.echo(sample_json(result))
         else:
@@ -230,7 +251,17 @@ def generate(
         if dry_run:
             click.echo(loaded.session.plan(tokens, settings, num_samples).describe())
             return
-        loaded.generate(tokens, n=num_samples, settings=settings, progress=progress, on_sample=emit)
+        if live:
+            engine = loaded.session.engine
+            progress = LiveView(sys.stderr, engine.token_bytes, hidden=engine.is_end_of_generation)
+            progress.start(settings.method)
+        try:
+            with open_trace_file(trace_file) as trace:
+                loaded.generate(tokens, n=num_samples, settings=settings, progress=progress, on_sample=emit,
+                                trace=trace)
+        finally:
+            if progress:
+                progress.clear()
 
 
 class DefaultCommandGroup(click.Group):
@@ -266,10 +297,13 @@ def eval_group() -> None:
 @sampling_options
 @chat_options
 @click.option("-q", "--quiet", is_flag=True, help="Nothing on stderr but errors.")
+@click.option("--trace", "trace_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help=TRACE_HELP + " One job per (problem, method), its header naming the problem; FILE is "
+                   "written anew by each run (a resumed run traces what it samples).")
 @click.pass_context
 def eval_run(context: click.Context, model: str, task: str, methods: str, num_samples: int, limit: int | None,
              parallel: int, out: Path | None, shard: str | None, data: Path | None, grader: str, chat: bool, system: str | None,
-             quiet: bool, **options: Any) -> None:
+             quiet: bool, trace_file: Path | None, **options: Any) -> None:
     """Sample every problem with each method, grade, and summarize (resumable)."""
     from .eval.run import EvalPlan, parse_shard, run_eval
     from .eval.summary import summarize, summary_table, write_summary
@@ -293,8 +327,8 @@ def eval_run(context: click.Context, model: str, task: str, methods: str, num_sa
     plan = EvalPlan(chosen, num_samples, out or Path("ps-local-eval") / loaded.name, limit,
                     parse_shard(shard) if shard else None, chat, system, parallel=parallel)
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    with Session(resolve_model(model), runtime_from(options)) as session:
-        records = run_eval(session, loaded, plan, base, log)
+    with Session(resolve_model(model), runtime_from(options)) as session, open_trace_file(trace_file) as trace:
+        records = run_eval(session, loaded, plan, base, log, trace)
     summary = summarize(records)
     written = write_summary(summary, plan.out)
     click.echo(summary_table(summary))
@@ -348,6 +382,46 @@ def eval_regrade(directory: Path, workers: int, grader: str | None) -> None:
     click.echo(f"regraded {report.lines} lines in {report.files} file{'s' if report.files > 1 else ''} in "
                f"{report.seconds:.1f} s: {report.changed} verdicts changed ({report.now_correct} now correct, "
                f"{report.now_wrong} now wrong)", err=True)
+
+
+@cli.command("trace")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="The summary as one JSON object.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for the pictures [default: FILE's folder].")
+@click.option("--job", "jobs", type=int, multiple=True, help="Only this job of the trace (repeatable).")
+@click.option("--no-pictures", is_flag=True, help="The summary only.")
+def trace_command(file: Path, as_json: bool, out: Path | None, jobs: tuple[int, ...], no_pictures: bool) -> None:
+    """Summarize a trace written with --trace: per job (request) and chain, MH steps, acceptance,
+    moves, log p and tokens decoded per block; SMC resamplings and ESS; PPT swap acceptance per
+    pair of rungs. Pictures (PNG, one per job): log p over MH steps, one line per chain, and
+    acceptance and moves so far; SMC's ESS over tokens.
+
+    With several chains of one prompt (-n 4 or more), R-hat (rank-normalized split R-hat) and
+    bulk ESS of log p, with ArviZ (pip install 'ps-local[diagnostics]'), per block: block k of
+    the chain targets p^alpha over sequences of at most k*B tokens, so log p is that of a
+    growing sequence and only the draws of one block share a target. The draws are the chain's
+    log p after each of the block's MH steps, over the chains that ran the block (the alpha
+    replica for ppt); a block needs 2 chains and 4 MH steps. R-hat above 1.01: the chains
+    disagree, run more steps (--mcmc-steps).
+    """
+    from .trace_report import format_summary, read_trace, summarize, write_pictures
+
+    trace = read_trace(file)
+    chosen = list(jobs) or None
+    summary = summarize(trace, chosen)
+    if not no_pictures:
+        written, notes = write_pictures(trace, out if out is not None else file.parent, chosen)
+        summary["pictures"] = [str(path) for path in written]
+        summary["notes"] += notes
+    if as_json:
+        click.echo(json.dumps(summary, ensure_ascii=False))
+        return
+    click.echo(format_summary(summary))
+    if summary.get("pictures"):
+        click.echo(f"pictures: {', '.join(summary['pictures'])}")
+    for note in summary["notes"][len(trace.notes):]:
+        click.echo(f"note: {note}")
 
 
 @cli.group(invoke_without_command=True)

@@ -6,7 +6,7 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .engine import EngineError, LlamaEngine
 from .errors import UserError
@@ -15,7 +15,11 @@ from .memory import CACHE_TYPES, CachePlan, KvShape, check_cache_type, format_by
 from .samplers import slots_per_chain
 from .samplers.base import ProgressCallback, TokenCallback
 from .scheduler import Job, JobCancelled, Scheduler, random_seed
+from .scheduler.scheduler import finish_trace
 from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
+
+if TYPE_CHECKING:
+    from .trace import TraceWriter
 
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: the most sequences (slots) one context holds
@@ -155,19 +159,27 @@ class Session:
         chain_indices: list[int] | None = None,
         concurrent_chains: int | None = None,
         on_token: TokenCallback | None = None,
+        trace: "TraceWriter | None" = None,
+        trace_info: dict | None = None,
+        owns_trace: bool = False,
     ) -> Job:
         """Queue a request; it runs whenever a caller of ``run`` (or ``generate``) steps.
 
         ``concurrent_chains``: how many chains are expected to share the machine, which sets the
         proposals decoded per chain (default: this request's own chains). UserError for a
-        request that cannot run here.
+        request that cannot run here. ``trace``: a writer that gets the request's header (with
+        ``trace_info`` added) and its sampler events; ``owns_trace``: close it when the request
+        ends.
         """
         indices = list(range(num_samples)) if chain_indices is None else list(chain_indices)
         check_request(settings, max(1, len(indices)))
         settings, layout, plan = self._prepare(prompt_tokens, settings, concurrent_chains or max(1, len(indices)))
-        seed = settings.seed if settings.seed is not None else random_seed()
-        job = Job(list(prompt_tokens), replace(settings, seed=seed), indices, layout.round_width, on_sample, progress,
-                  on_token)
+        settings = replace(settings, seed=settings.seed if settings.seed is not None else random_seed())
+        job_trace = None
+        if trace is not None:
+            job_trace = trace.job(settings, len(prompt_tokens), indices, **(trace_info or {}))
+            job_trace.owns_writer = owns_trace
+        job = Job(list(prompt_tokens), settings, indices, layout.round_width, on_sample, progress, on_token, job_trace)
         with self._step_lock:
             if self._scheduler is None or (not self._waiting_for_room and self._scheduler.pending() == 0):
                 self._ensure_capacity(plan)
@@ -326,4 +338,5 @@ class Session:
 def _end(job: Job, error: BaseException) -> None:
     """Finish a job that never reached the scheduler."""
     job.error = error
+    finish_trace(job)
     job.done.set()

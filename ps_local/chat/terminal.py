@@ -11,7 +11,7 @@ from ..errors import PsLocalError, UserError
 from ..output import sample_json, summary_line
 from ..settings import METHODS, Sample
 from .session import COMMANDS, ChatSession, EndChat, SETTABLE
-from .views import AnswerView, NoView, ProgressView
+from .views import AnswerView, LiveAnswerView, NoView
 
 
 @dataclass
@@ -72,7 +72,9 @@ def run_interactive(chat: ChatSession, output: Output, banner: str | None) -> No
     _line_editing()
     if banner:
         output.info(banner)
-    view: AnswerView = NoView() if output.quiet or not output.err.isatty() else ProgressView(output.err)
+    engine = chat.model.session.engine
+    view: AnswerView = (NoView() if output.quiet or not output.err.isatty()
+                        else LiveAnswerView(output.err, engine.token_bytes, engine.is_end_of_generation))
     # input() draws its prompt on stdout; with stdout redirected, prompts go to the terminal.
     prompt_stream = None if output.out.isatty() else output.err
     while True:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol, TextIO
+from typing import Callable, Protocol, TextIO
 
 
+from ..live import LiveView
 from ..output import ProgressLine
 from ..samplers.base import Progress
 from ..settings import SamplingSettings
@@ -56,6 +57,24 @@ class ProgressView:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self.started = False
+
+
+class LiveAnswerView:
+    """The live view (ps_local.live.LiveView) of an answer: the status line and the chain's text,
+    dim, until the answer is done; "sampling (method) ..." until the first report."""
+
+    def __init__(self, stream: TextIO, token_bytes: Callable[[int], bytes],
+                 hidden: Callable[[int], bool] | None = None):
+        self.live = LiveView(stream, token_bytes, hidden=hidden)
+
+    def start(self, settings: SamplingSettings) -> None:
+        self.live.start(settings.method, "Ctrl-C stops the answer")
+
+    def progress(self, progress: Progress) -> None:
+        self.live.progress(progress)
+
+    def stop(self) -> None:
+        self.live.clear()
 
 
 # -- the conversation ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from ..prompts import PromptSettings, prompt_tokens
 from ..scheduler import Job
 from ..session import Session
 from ..settings import Sample, SamplingSettings
+from ..trace import TraceWriter
 from .grading.sandbox import gaps
 from .run_config import claim_folder, fingerprint, run_config
 from .tasks import Problem, Task
@@ -97,8 +98,10 @@ def run_eval(
     plan: EvalPlan,
     base: SamplingSettings,
     log: Callable[[str], None],
+    trace: TraceWriter | None = None,
 ) -> list[dict[str, Any]]:
-    """Run what is missing of the plan, appending results as they finish; return all results."""
+    """Run what is missing of the plan, appending results as they finish; return all results.
+    ``trace``: where the sampler events of every (problem, method) go, one job each."""
     plan.out.mkdir(parents=True, exist_ok=True)
     seed = base.seed if base.seed is not None else 0
     stops = tuple(dict.fromkeys(base.stop + task.stops))
@@ -171,7 +174,8 @@ def run_eval(
                         })
 
                     in_flight.append(session.submit(tokens, settings, plan.num_samples, on_sample=record,
-                                                    chain_indices=missing, concurrent_chains=concurrent))
+                                                    chain_indices=missing, concurrent_chains=concurrent, trace=trace,
+                                                    trace_info={"task": task.name, "problem": problem.id}))
                     while len(in_flight) >= plan.parallel:
                         in_flight = _wait_for_one(session, in_flight)
                         graders.raise_failure()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Sequence
 
 import numpy as np
 
@@ -13,12 +13,19 @@ from ..protocol import DecodeRequest, Engine
 from ..settings import Sample, SampleStats, SamplingSettings
 from .stops import StopMatcher
 
+if TYPE_CHECKING:
+    from ..trace import JobTrace
+
 # A chain yields the decode requests it needs next and receives one logits row for each.
 ChainRun = Generator[list[DecodeRequest], Sequence[np.ndarray], Any]
 
 
 @dataclass
 class Progress:
+    """A chain's state after an MH round (power; the alpha replica of ppt). ``tokens``: the
+    chain's current sequence (a tuple, the generated tokens only) and ``logp`` its base-model
+    log p, for a live view of its text; a later MH step may still change any of it."""
+
     chain: int
     block: int
     blocks: int
@@ -28,6 +35,8 @@ class Progress:
     proposals: int
     tokens_decoded: int
     elapsed_s: float
+    tokens: tuple[int, ...] = ()
+    logp: float | None = None
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -51,6 +60,7 @@ class RunSpec:
     progress: ProgressCallback | None = None
     round_width: int = 1  # MH proposals decoded together (a speed setting only)
     on_token: TokenCallback | None = None  # plain decoding only: (index, tokens so far) as drawn
+    trace: "JobTrace | None" = None  # where the run's events go (ps_local.trace); None: no events
 
 
 class CacheInvariantError(RuntimeError):

@@ -162,6 +162,13 @@ class Chain:
         )
         self._start = time.perf_counter()
         self._rounds_without_decode = 0
+        self._block = 0  # the block being run, and the chain's MH steps before its first
+        self._block_first_step = 0
+        # Events (ps_local.trace), only when a trace is written: a replica of a ladder names its rung.
+        self.trace = spec.trace
+        if self.trace is not None:
+            replica = {"replica": rung, "alpha": settings.alpha} if rungs else {}
+            self._trace_fields = self.trace.fields(chain=spec.index, **replica)
 
     # -- the chain ---------------------------------------------------------------------
 
@@ -181,13 +188,20 @@ class Chain:
         ``next_logits``: the logits that predict ``current``'s next token, when known."""
         limit = self.ends[block - 1]
         self.rng = self.streams.start(EXTEND_STREAM, block)
+        before = len(current.tokens)
         yield from self._extend(current, limit, next_logits)
+        self._block, self._block_first_step = block, self.stats.mh_steps
+        if self.trace is not None and self.settings.steps_per_block:
+            self.trace.emit({"event": "block", **self._trace_fields, "block": block, "blocks": len(self.ends),
+                             "end": limit, "tokens_before": before, "tokens": len(current.tokens),
+                             "logp": current.cum_logp[-1], "ended": current.end,
+                             "tokens_decoded": self.stats.tokens_decoded})
         steps = 0
         while steps < self.settings.steps_per_block:
             decoded = self.stats.tokens_decoded
             current, used = yield from self._mh_round(current, limit, self.settings.steps_per_block - steps)
             steps += used
-            self._report(block, len(self.ends), steps)
+            self._report(block, len(self.ends), steps, current)
             if self.stats.tokens_decoded == decoded:
                 # Proposals drawn from stored tables need no decode, so a chain could run
                 # thousands of steps without returning to its driver: pause now and then,
@@ -262,14 +276,19 @@ class Chain:
                 if move.state == "finished" and self._accepts(move, log_n):
                     self.stats.accepted += 1
                     proposal = move.proposal
-                    if proposal.tokens != current.tokens or proposal.end != current.end:
+                    moved = proposal.tokens != current.tokens or proposal.end != current.end
+                    if moved:
                         self.stats.moved += 1
+                    if self.trace is not None:
+                        self._trace_step(move, current, log_n, True, moved)
                     if not move.owns_cache:
                         self._adopt_cache(proposal, current)
                     self._check_cache(proposal)
                     for discarded in moves[used:]:
                         self.stats.discarded_tokens += len(discarded.proposal.tokens) - discarded.keep
                     return move.proposal, used
+                if self.trace is not None:
+                    self._trace_step(move, current, log_n, False, False)
             if used == len(moves):
                 return current, used
             waiting = [move for move in moves[used:] if move.state in ("running", "outside")]
@@ -386,11 +405,15 @@ class Chain:
         return bound + 1e-9 > move.log_u
 
     def _accepts(self, move: Move, log_n: float) -> bool:
-        proposal_score = self._suffix_score(move.proposal, move.keep)
         if self.max_swap:
-            return proposal_score > move.current_score
-        log_accept = proposal_score - move.current_score + self._length_term(log_n, len(move.proposal.tokens))
-        return move.log_u < log_accept
+            return self._suffix_score(move.proposal, move.keep) > move.current_score
+        return move.log_u < self._log_accept(move, log_n)
+
+    def _log_accept(self, move: Move, log_n: float) -> float:
+        """log A of the MH ratio for a finished proposal (for one abandoned early: the bound on
+        it that fell below log u)."""
+        proposal_score = self._suffix_score(move.proposal, move.keep)
+        return proposal_score - move.current_score + self._length_term(log_n, len(move.proposal.tokens))
 
     def _count(self, move: Move) -> None:
         self.stats.mh_steps += 1
@@ -405,9 +428,31 @@ class Chain:
     def _length_term(self, log_n: float, proposal_length: int) -> float:
         return log_n - math.log(proposal_length) if self.settings.length_term else 0.0
 
+    def _trace_step(self, move: Move, current: Trajectory, log_n: float, accepted: bool, moved: bool) -> None:
+        """The event of one decided MH step (ps_local.trace)."""
+        proposal = move.proposal
+        logp_current, logp_proposal = current.cum_logp[-1], proposal.cum_logp[-1]
+        if self.max_swap:
+            # A = 1 when the proposal's suffix is likelier, else 0 (log A = -inf: null).
+            log_accept = 0.0 if accepted else None
+            target_current = target_proposal = None
+        else:
+            log_accept = self._log_accept(move, log_n)
+            alpha = self.settings.alpha
+            target_current, target_proposal = alpha * logp_current, alpha * logp_proposal
+        self.trace.emit({  # type: ignore[union-attr]
+            "event": "mh", **self._trace_fields, "block": self._block,
+            "step": self.stats.mh_steps - self._block_first_step, "mh_step": self.stats.mh_steps,
+            "m": move.keep + 1, "n": len(current.tokens), "n_proposal": len(proposal.tokens),
+            "logp_current": logp_current, "logp_proposal": logp_proposal,
+            "target_current": target_current, "target_proposal": target_proposal,
+            "log_accept": log_accept, "log_u": move.log_u, "early_rejected": move.state == "hopeless",
+            "accepted": accepted, "moved": moved, "tokens_decoded": self.stats.tokens_decoded,
+        })
+
     # -- results -----------------------------------------------------------------------
 
-    def _report(self, block: int, blocks: int, step: int) -> None:
+    def _report(self, block: int, blocks: int, step: int, current: Trajectory) -> None:
         if self.progress is not None:
             self.progress(
                 Progress(
@@ -420,6 +465,8 @@ class Chain:
                     proposals=self.stats.mh_steps,
                     tokens_decoded=self.stats.tokens_decoded,
                     elapsed_s=time.perf_counter() - self._start,
+                    tokens=tuple(current.tokens),
+                    logp=current.cum_logp[-1],
                 )
             )
 

@@ -64,6 +64,9 @@ class PptRun:
         self.swaps_proposed = np.zeros(count - 1, dtype=int)
         self.swaps_accepted = np.zeros(count - 1, dtype=int)
         self._start = time.perf_counter()
+        self.trace = spec.trace  # events (ps_local.trace), only when a trace is written
+        if self.trace is not None:
+            self._trace_fields = self.trace.fields(chain=spec.index)
 
     def run(self, prompt_logits: np.ndarray) -> ChainRun:
         replicas = self.replicas
@@ -85,7 +88,13 @@ class PptRun:
             log_accept = (self.ladder[k + 1] - self.ladder[k]) * (states[k].cum_logp[-1] - states[k + 1].cum_logp[-1])
             self.swaps_proposed[k] += 1
             # Without the correction (the negative-control test only) every swap is accepted.
-            if self.settings.swap_correction and not math.log(uniforms[k] or 5e-324) < log_accept:
+            accepted = not self.settings.swap_correction or math.log(uniforms[k] or 5e-324) < log_accept
+            if self.trace is not None:
+                self.trace.emit({"event": "swap", **self._trace_fields, "block": block, "rungs": [k, k + 1],
+                                 "alphas": [self.ladder[k], self.ladder[k + 1]],
+                                 "logp": [states[k].cum_logp[-1], states[k + 1].cum_logp[-1]],
+                                 "log_accept": log_accept, "accepted": accepted})
+            if not accepted:
                 continue
             self.swaps_accepted[k] += 1
             lower, upper = self.replicas[k], self.replicas[k + 1]

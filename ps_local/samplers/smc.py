@@ -41,6 +41,7 @@ import numpy as np
 
 from ..protocol import DecodeRequest
 from ..settings import SampleStats
+from ..trace import finite
 from .base import ChainRun, RunSpec, check_cache, ending, finished_sample
 from .proposal import Prepared, TokenSampler
 from .streams import Streams
@@ -126,6 +127,9 @@ class SmcRun:
         self.ess_min = float(len(self.slots))
         self._keys = 1  # the next unused sequence key (0: the empty sequence every particle starts as)
         self._start = time.perf_counter()
+        self.trace = spec.trace  # events (ps_local.trace), only when a trace is written
+        if self.trace is not None:
+            self._trace_fields = self.trace.fields(chain=spec.index)
 
     def alpha_at(self, t: int) -> float:
         """The exponent of the intermediate target after t tokens."""
@@ -163,7 +167,12 @@ class SmcRun:
         self.log_normalizer += log_mean_exp(self.log_w)
         weights = np.exp(self.log_w - self.log_w.max())
         chosen = int(self.streams.start(CHOICE_STREAM, 0, slot=1).choice(len(weights), p=weights / weights.sum()))
-        self.stats.ess_min = min(self.ess_min, effective_sample_size(self.log_w))
+        final_ess = effective_sample_size(self.log_w)
+        self.stats.ess_min = min(self.ess_min, final_ess)
+        if self.trace is not None:
+            self.trace.emit({"event": "ess", **self._trace_fields, "t": t, "ess": final_ess,
+                             "particles": len(self.particles), "threshold": None, "resampled": False,
+                             "final": True, "chosen": chosen, "log_normalizer": finite(self.log_normalizer)})
         self.stats.distinct_ancestors = len({p.origin for p in self.particles})
         self.stats.log_normalizer = self.log_normalizer
         best = self.particles[chosen]
@@ -248,11 +257,26 @@ class SmcRun:
             return
         ess = effective_sample_size(self.log_w)
         self.ess_min = min(self.ess_min, ess)
-        if ess < self.settings.ess_threshold * len(self.particles):
+        threshold = self.settings.ess_threshold * len(self.particles)
+        resampled = ess < threshold
+        if resampled:
             self.log_normalizer += log_mean_exp(self.log_w)
             self.particles = self._resample(t)
             self.log_w = np.zeros(len(self.particles))
             self.stats.resamples += 1  # type: ignore[operator]
+        if self.trace is not None:
+            self._trace_check(t, ess, threshold, resampled)
+
+    def _trace_check(self, t: int, ess: float, threshold: float, resampled: bool) -> None:
+        """The events of one ESS check, and of its resampling (ps_local.trace)."""
+        self.trace.emit({"event": "ess", **self._trace_fields, "t": t, "ess": ess,  # type: ignore[union-attr]
+                         "particles": len(self.particles), "threshold": threshold, "resampled": resampled})
+        if resampled:
+            counts = self._copies
+            self.trace.emit({"event": "resample", **self._trace_fields, "t": t, "ess": ess,  # type: ignore[union-attr]
+                             "counts": counts.tolist(), "survivors": int(np.count_nonzero(counts)),
+                             "distinct_ancestors": len({p.origin for p in self.particles}),
+                             "log_normalizer": finite(self.log_normalizer)})
 
     def _resample(self, t: int) -> list[Particle]:
         """Systematic resampling in place: each survivor keeps its own slot for its first copy;
@@ -261,6 +285,7 @@ class SmcRun:
         u = float(self.streams.start(CHOICE_STREAM, t, slot=1).random())
         ancestors = systematic_ancestors(np.exp(self.log_w - self.log_w.max()), u)
         copies = np.bincount(ancestors, minlength=len(particles))
+        self._copies = copies  # for the trace
         free = [number for number in range(len(particles)) if copies[number] == 0]
         resampled = list(particles)
         for number in range(len(particles)):

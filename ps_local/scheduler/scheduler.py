@@ -26,7 +26,7 @@ import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from .admission import DecodePrompt, DropCached, RetirePrompt, StartChain, Waiti
     prompt_holder
 from .ledger import Holder, KvLedger
 from .prompt_cache import PromptCache, cache_holder
+
+if TYPE_CHECKING:
+    from ..trace import JobTrace, TraceWriter
 
 SampleCallback = Callable[[int, Sample], None]
 
@@ -69,6 +72,7 @@ class Job:
     on_sample: SampleCallback | None = None
     progress: ProgressCallback | None = None
     on_token: TokenCallback | None = None  # baselines only: (chain, tokens so far) as they are drawn
+    trace: "JobTrace | None" = None  # the job's sampler events (ps_local.trace); None: none
     samples: dict[int, Sample] = field(default_factory=dict)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -324,7 +328,7 @@ class Scheduler:
             self.engine.copy_prefix(admission.prompt_slot, slot, len(job.prompt))  # type: ignore[arg-type]
         spec = RunSpec(self.engine, job.settings, job.prompt, action.slots, job.settings.seed,  # type: ignore[arg-type]
                        admission.seeds[index], admission.stops, index, job.progress, max(1, job.round_width),
-                       job.on_token)
+                       job.on_token, job.trace)
         chain = run_class(job.settings)(spec)
         admission.running += 1
         running = _Running(job, admission.key, index, chain_holder(admission.key, action.number),
@@ -343,6 +347,8 @@ class Scheduler:
             sample: Sample = ended.value
             running.job.samples[running.index] = sample
             try:
+                if running.job.trace is not None:
+                    running.job.trace.sample(running.index, sample)
                 if running.job.on_sample is not None:
                     running.job.on_sample(running.index, sample)
             except Exception as error:
@@ -388,6 +394,7 @@ class Scheduler:
     def _finish(self, job: Job, error: BaseException | None) -> None:
         if not job.done.is_set():
             job.error = error
+            finish_trace(job)
             job.done.set()
         with self._lock:
             self._lock.notify_all()
@@ -397,6 +404,18 @@ class Scheduler:
         sequence still holds them."""
         for slot in slots:
             self.engine.copy_prefix(slot, slot, 0)
+
+
+def finish_trace(job: Job) -> None:
+    """A finished job's trace lines reach their sink (a file the job opened is closed); an error
+    writing them becomes the job's, unless it already has one."""
+    if job.trace is None:
+        return
+    try:
+        job.trace.finish()
+    except Exception as error:  # a full disk
+        if job.error is None:
+            job.error = error
 
 
 def sample(
@@ -409,6 +428,7 @@ def sample(
     progress: ProgressCallback | None = None,
     on_sample: SampleCallback | None = None,
     chain_indices: Sequence[int] | None = None,
+    trace: "TraceWriter | None" = None,
 ) -> list[Sample]:
     """Draw ``num_samples`` independent samples of one prompt on an engine of its own.
 
@@ -418,7 +438,8 @@ def sample(
     ``max_round_width`` proposals per chain may be decoded together (a speed setting: the
     output distribution is the same for every width). ``chain_indices`` runs only those of the
     chains 0 .. num_samples-1 (a resumed evaluation): each chain's randomness depends only on
-    the seed and its index.
+    the seed and its index. ``trace``: a ``ps_local.trace.TraceWriter`` that gets the run's
+    events (left open).
     """
     settings.validate()
     if not prompt:
@@ -429,7 +450,9 @@ def sample(
     chains = max(1, min(len(indices), chains_per_batch))
     engine.reset()
     scheduler = Scheduler(engine, slots=1 + per_chain * chains, max_chains=chains)
-    job = scheduler.submit(Job(list(prompt), replace(settings, seed=seed), indices, max_round_width,
-                               on_sample, progress))
+    settings = replace(settings, seed=seed)
+    job_trace = trace.job(settings, len(prompt), indices) if trace is not None else None
+    job = scheduler.submit(Job(list(prompt), settings, indices, max_round_width, on_sample, progress,
+                               trace=job_trace))
     scheduler.run_until_done([job])
     return job.result()
