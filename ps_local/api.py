@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import UserError
 from .prompts import PromptSettings, prompt_tokens
-from .samplers.base import ProgressCallback
+from .samplers.base import ProgressCallback, TokenCallback
 from .scheduler import Job, SampleCallback
 from .session import RuntimeOptions, Session
 from .settings import Sample, SamplingSettings, check_request
@@ -98,6 +98,7 @@ class Model:
         concurrent_chains: int | None = None,
         settings: SamplingSettings | None = None,
         trace: TraceSink | None = None,
+        on_token: TokenCallback | None = None,
         **setting_values: Any,
     ) -> Job:
         """Queue a request without waiting; ``wait`` (or any ``generate``) runs it. The job's
@@ -107,7 +108,7 @@ class Model:
         writer, owned = open_trace(trace)
         try:
             return self.session.submit(tokens, chosen, n, progress, on_sample, concurrent_chains=concurrent_chains,
-                                       trace=writer, owns_trace=owned)
+                                       on_token=on_token, trace=writer, owns_trace=owned)
         except BaseException:
             if owned:
                 writer.close()  # type: ignore[union-attr]
@@ -129,6 +130,7 @@ class Model:
         on_sample: SampleCallback | None = None,
         settings: SamplingSettings | None = None,
         trace: TraceSink | None = None,
+        on_token: TokenCallback | None = None,
         **setting_values: Any,
     ) -> list[Sample]:
         """Draw ``n`` independent samples of one prompt.
@@ -141,8 +143,10 @@ class Model:
         ``seed`` (or all of them as one ``settings=SamplingSettings(...)``). ``prompt`` is
         text or token ids. ``chat`` renders the prompt with the GGUF's chat template (``system``: its
         system message). ``progress`` is called as MH steps finish, ``on_sample(i, sample)``
-        as each chain ends. Returns the samples in chain order; each has ``text``, ``tokens``,
-        ``logprobs`` and ``stats``.
+        as each chain ends, ``on_token(i, tokens)`` as a baseline (standard, low-temp, greedy)
+        draws each token (a power sample's tokens are not final until its chain ends: its
+        progress carries them). Returns the samples in chain order; each has ``text``,
+        ``tokens``, ``logprobs`` and ``stats``.
 
         ``trace``: where the sampler's events go, one JSON object per event (a header, every MH
         step, block, SMC resampling, PPT swap and final sample; see ``ps_local.trace``): a path
@@ -151,7 +155,8 @@ class Model:
         several requests. ``ps-local trace FILE`` summarizes a trace file.
         """
         job = self.submit(prompt, method=method, n=n, chat=chat, system=system, progress=progress,
-                          on_sample=on_sample, settings=settings, trace=trace, **setting_values)
+                          on_sample=on_sample, settings=settings, trace=trace, on_token=on_token,
+                          **setting_values)
         self.wait([job])
         return job.result()
 

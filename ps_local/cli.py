@@ -258,7 +258,7 @@ def generate(
         try:
             with open_trace_file(trace_file) as trace:
                 loaded.generate(tokens, n=num_samples, settings=settings, progress=progress, on_sample=emit,
-                                trace=trace)
+                                trace=trace, on_token=progress.token if progress else None)
         finally:
             if progress:
                 progress.clear()
