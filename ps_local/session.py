@@ -15,7 +15,6 @@ from .memory import CACHE_TYPES, CachePlan, KvShape, check_cache_type, format_by
 from .samplers import slots_per_chain
 from .samplers.base import ProgressCallback, TokenCallback
 from .scheduler import Job, JobCancelled, Scheduler, random_seed
-from .scheduler.scheduler import finish_trace
 from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
 
 if TYPE_CHECKING:
@@ -200,7 +199,7 @@ class Session:
         waiting = self._waiting_for_room
         for job, _ in waiting:
             if job.cancelled:
-                _end(job, JobCancelled("cancelled"))
+                job.end(JobCancelled("cancelled"))
         waiting[:] = [item for item in waiting if not item[0].done.is_set()]
         if not waiting or (self._scheduler is not None and self._scheduler.pending()):
             return
@@ -218,7 +217,7 @@ class Session:
 
     def _fail_waiting(self, error: BaseException) -> None:
         for job, _ in self._waiting_for_room:
-            _end(job, error)
+            job.end(error)
         self._waiting_for_room.clear()
 
     def make_room(self, prompt_tokens: int, settings: list[SamplingSettings], chains: int) -> None:
@@ -333,10 +332,3 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _end(job: Job, error: BaseException) -> None:
-    """Finish a job that never reached the scheduler."""
-    job.error = error
-    finish_trace(job)
-    job.done.set()

@@ -6,7 +6,6 @@ from typing import Callable, Protocol, TextIO
 
 
 from ..live import LiveView
-from ..output import ProgressLine
 from ..samplers.base import Progress
 from ..settings import SamplingSettings
 
@@ -32,32 +31,6 @@ class NoView:
 
     def stop(self) -> None:
         pass
-
-
-class ProgressView:
-    """A self-overwriting status line on a terminal: "sampling (power) ..." until the first MH
-    step, then output.ProgressLine's blocks, steps and acceptance."""
-
-    def __init__(self, stream: TextIO):
-        self.stream = stream
-        self.line = ProgressLine(stream)
-        self.started = False
-
-    def start(self, settings: SamplingSettings) -> None:
-        self.stream.write(f"\r\x1b[Ksampling ({settings.method}) ... Ctrl-C stops the answer")
-        self.stream.flush()
-        self.started = True
-
-    def progress(self, progress: Progress) -> None:
-        self.line(progress)  # overwrites the line start() wrote
-
-    def stop(self) -> None:
-        self.line.clear()
-        if self.started:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.started = False
-
 
 class LiveAnswerView:
     """The live view (ps_local.live.LiveView) of an answer: the status line and the chain's text,

@@ -91,6 +91,21 @@ class Job:
         """Stop the job at the next step: its chains end and free their slots."""
         self._cancel.set()
 
+    def end(self, error: BaseException | None) -> None:
+        """Mark the job finished (with ``error``, or its samples), once: its trace lines reach
+        their sink first (a file the job opened is closed; an error writing them becomes the
+        job's, unless it already has one)."""
+        if self.done.is_set():
+            return
+        self.error = error
+        if self.trace is not None:
+            try:
+                self.trace.finish()
+            except Exception as failure:  # a full disk
+                if self.error is None:
+                    self.error = failure
+        self.done.set()
+
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
@@ -392,10 +407,7 @@ class Scheduler:
         self._finish(admission.job, None)
 
     def _finish(self, job: Job, error: BaseException | None) -> None:
-        if not job.done.is_set():
-            job.error = error
-            finish_trace(job)
-            job.done.set()
+        job.end(error)
         with self._lock:
             self._lock.notify_all()
 
@@ -404,18 +416,6 @@ class Scheduler:
         sequence still holds them."""
         for slot in slots:
             self.engine.copy_prefix(slot, slot, 0)
-
-
-def finish_trace(job: Job) -> None:
-    """A finished job's trace lines reach their sink (a file the job opened is closed); an error
-    writing them becomes the job's, unless it already has one."""
-    if job.trace is None:
-        return
-    try:
-        job.trace.finish()
-    except Exception as error:  # a full disk
-        if job.error is None:
-            job.error = error
 
 
 def sample(
