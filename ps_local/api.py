@@ -21,7 +21,7 @@ from .prompts import PromptSettings, prompt_tokens
 from .samplers.base import ProgressCallback, TokenCallback
 from .scheduler import Job, SampleCallback
 from .session import RuntimeOptions, Session
-from .settings import Sample, SamplingSettings, check_request
+from .settings import DEFAULT_METHOD, Sample, SamplingSettings, check_request
 from .trace import TraceSink, open_trace
 
 SETTING_NAMES = frozenset(f.name for f in fields(SamplingSettings))
@@ -63,7 +63,7 @@ class Model:
     def __init__(self, session: Session):
         self.session = session
 
-    def settings(self, method: str = "power", **settings: Any) -> SamplingSettings:
+    def settings(self, method: str = DEFAULT_METHOD, **settings: Any) -> SamplingSettings:
         """``SamplingSettings`` from keyword arguments (``alpha``, ``max_tokens``, ``stop``, ...);
         UserError for an unknown name or a bad value."""
         unknown = sorted(set(settings) - SETTING_NAMES)
@@ -89,7 +89,7 @@ class Model:
         self,
         prompt: str | Sequence[int],
         *,
-        method: str = "power",
+        method: str = DEFAULT_METHOD,
         n: int = 1,
         chat: bool = False,
         system: str | None = None,
@@ -122,7 +122,7 @@ class Model:
         self,
         prompt: str | Sequence[int],
         *,
-        method: str = "power",
+        method: str = DEFAULT_METHOD,
         n: int = 1,
         chat: bool = False,
         system: str | None = None,
@@ -164,7 +164,7 @@ class Model:
         self,
         prompts: Sequence[str | Sequence[int]],
         *,
-        method: str = "power",
+        method: str = DEFAULT_METHOD,
         n: int = 1,
         chat: bool = False,
         system: str | None = None,

@@ -20,7 +20,7 @@ from .memory import CACHE_TYPES
 from .output import sample_json, summary_line
 from .prompts import TEMPLATES, PromptSettings, template_stops
 from .server.limits import RequestLimits
-from .settings import METHODS, SamplingSettings, check_request
+from .settings import DEFAULT_METHOD, METHODS, SamplingSettings, check_request
 
 if TYPE_CHECKING:
     from .session import RuntimeOptions
@@ -40,14 +40,25 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--proposal-temp", type=float, default=None,
                      help="Proposal temperature [default: 1/alpha; 1 for alpha=inf]; with --method "
                           "standard, its sampling temperature [default: 1]."),
-        click.option("--particles", type=int, default=16, show_default=True,
-                     help="Particles of --method smc (one KV sequence each)."),
+        click.option("--particles", type=int, default=None,
+                     help="Particles of --method smc (one KV sequence each) [default: 128, fewer where their "
+                          "KV cache would pass 2 GiB; at least 16]."),
         click.option("--ess-threshold", type=float, default=0.5, show_default=True,
                      help="smc: resample when the effective sample size falls below this share of the particles."),
         click.option("--resample-every", type=int, default=1, show_default=True,
                      help="smc: check the effective sample size every this many tokens."),
         click.option("--alpha-ramp", type=int, default=0, show_default=True,
                      help="smc: raise alpha from 1 to --alpha over this many first tokens (0: no ramp)."),
+        click.option("--rejuvenate", type=int, default=0, show_default=True,
+                     help="smc: MH moves per particle after each resampling, and where the particles' weights are "
+                          "all equal (resample-move; 0: none)."),
+        click.option("--steps-per-token", type=float, default=0.0, show_default=True,
+                     help="power, ppt: MH steps per block of at least this many per token of the sequence "
+                          "(0: --mcmc-steps only)."),
+        click.option("--swap-every", type=int, default=1, show_default=True,
+                     help="ppt: a swap sweep after every this many MH steps."),
+        click.option("--ladder-warmup", type=int, default=0, show_default=True,
+                     help="ppt: MH steps of a discarded pilot run that places the ladder for the length (0: none)."),
         click.option("--ladder", default=None,
                      help="ppt: the replicas' alphas, rising to --alpha, e.g. 1,2,4 "
                           "[default: 4 rungs, geometric from 1 to --alpha]."),
@@ -78,7 +89,7 @@ def chat_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )
 
 
-def settings_from(options: dict[str, Any], method: str = "power") -> SamplingSettings:
+def settings_from(options: dict[str, Any], method: str = DEFAULT_METHOD) -> SamplingSettings:
     stops = tuple(options["stop"]) or template_stops(options.get("template"))
     return SamplingSettings(
         method=method,
@@ -94,6 +105,10 @@ def settings_from(options: dict[str, Any], method: str = "power") -> SamplingSet
         smc_check_every=options["resample_every"],
         smc_ramp=options["alpha_ramp"],
         ladder=parse_ladder(options["ladder"]),
+        smc_rejuvenate=options["rejuvenate"],
+        steps_per_token=options["steps_per_token"],
+        swap_every=options["swap_every"],
+        ladder_warmup=options["ladder_warmup"],
     )
 
 
@@ -129,6 +144,10 @@ METHOD_OPTIONS = {
     "resample_every": ("smc",),
     "alpha_ramp": ("smc",),
     "ladder": ("ppt",),
+    "rejuvenate": ("smc",),
+    "steps_per_token": ("power", "ppt"),
+    "swap_every": ("ppt",),
+    "ladder_warmup": ("ppt",),
     "block_size": ("power", "ppt"),
     "mcmc_steps": ("power", "ppt"),
     "proposal_temp": ("power", "smc", "standard"),
@@ -195,7 +214,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("model")
 @click.argument("prompt", required=False)
-@click.option("--method", type=click.Choice(METHODS), default="power", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
               help="power: MH on p^alpha; smc: Power-SMC; ppt: parallel power tempering; "
                    "baselines: low-temp (T=1/alpha), standard (T=1), greedy.")
 @sampling_options

@@ -164,6 +164,11 @@ class LiveView:
 
     @staticmethod
     def chain_status(p: Progress, short: bool = False) -> str:
+        if p.method == "smc":
+            if short:
+                return f"t{p.mh_step}/{p.mh_steps} ESS {p.ess:.0f}/{p.particles}"
+            return (f"token {p.mh_step}/{p.mh_steps}, ESS {p.ess:.1f} of {p.particles} particles, "
+                    f"{p.resamples} resamplings")
         moved = getattr(p, "moved", None)  # not every Progress carries it
         if short:
             return f"b{p.block}/{p.blocks} s{p.mh_step}/{p.mh_steps} a{p.accepted}/{p.proposals}"

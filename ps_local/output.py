@@ -25,8 +25,8 @@ def stats_record(stats: SampleStats) -> dict[str, Any]:
 
 
 # SampleStats fields only some methods fill in (None for the others).
-METHOD_DIAGNOSTICS = ("particles", "resamples", "ess_min", "distinct_ancestors", "log_normalizer", "particle_tokens",
-                      "ladder", "swap_acceptance")
+METHOD_DIAGNOSTICS = ("particles", "resamples", "ess_min", "distinct_ancestors", "distinct_sequences", "log_normalizer",
+                      "particle_tokens", "rejuvenations", "ladder", "swap_acceptance")
 
 
 def method_diagnostics(stats: SampleStats) -> dict[str, Any]:
@@ -60,6 +60,8 @@ def summary_line(sample: Sample) -> str:
     if stats.method == "smc":
         parts.append(f"alpha={stats.alpha:g} particles={stats.particles}, ESS min {stats.ess_min:.1f}, "
                      f"{stats.resamples} resamplings, {stats.distinct_ancestors} distinct ancestors")
+        if stats.rejuvenations is not None:
+            parts.append(f"{stats.rejuvenations} rejuvenations of {stats.mcmc_steps} MH moves per particle")
     parts.append(f"{len(sample.tokens)} tokens ({stats.stop_reason})")
     if stats.method == "smc":
         parts.append(f"{stats.tokens_decoded} decoded for {stats.particle_tokens} particle tokens")

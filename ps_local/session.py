@@ -15,7 +15,7 @@ from .memory import CACHE_TYPES, CachePlan, KvShape, check_cache_type, format_by
 from .samplers import slots_per_chain
 from .samplers.base import ProgressCallback, TokenCallback
 from .scheduler import Job, JobCancelled, Scheduler, random_seed
-from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request
+from .settings import DEFAULT_MAX_TOKENS, Sample, SamplingSettings, check_request, default_particles
 
 if TYPE_CHECKING:
     from .trace import TraceWriter
@@ -109,7 +109,7 @@ class Session:
         """Chains per batch and proposals per round, within llama.cpp's sequence limit."""
         chains = min(chains, self.options.chains_per_batch)
         if settings.method == "smc":
-            per_chain = slots_per_chain(settings, 0)  # one per particle
+            per_chain = slots_per_chain(settings, 0)  # one per particle (two with rejuvenation)
             return BatchLayout(max(1, min(chains, (MAX_SEQUENCES - 1) // per_chain)), 0, per_chain)
         if not settings.steps_per_block:
             return BatchLayout(min(chains, MAX_SEQUENCES - 1), 0, 1)
@@ -120,6 +120,22 @@ class Session:
         per_chain = slots_per_chain(settings, width)
         # Slot 0 holds the prompt; each chain takes per_chain slots.
         return BatchLayout(max(1, min(chains, (MAX_SEQUENCES - 1) // per_chain)), width, per_chain)
+
+    def fit_particles(self, settings: SamplingSettings, max_tokens: int, most: int | None = None) -> SamplingSettings:
+        """SMC's default particle count for this model's KV cells and ``max_tokens``; on a cache
+        sized once (a server's, ``reserve``) no more than it holds, and no more than ``most`` (a
+        server's limit). Particles asked for are kept as given."""
+        bytes_per_cell = None if self.kv_shape is None else kv_bytes_per_cell(self.kv_shape, self.options.cache_type)
+        fitted = default_particles(settings, max_tokens, bytes_per_cell)
+        if settings.particles is not None or fitted.method != "smc":
+            return fitted
+        per_particle = 2 if settings.smc_rejuvenate else 1  # a spare sequence each for its MH moves
+        room = [fitted.particle_count] + ([most] if most is not None else [])
+        if self._fixed and self._scheduler is not None:
+            room.append((self._scheduler.slots - 1) // per_particle)  # slot 0 is the prompt's
+            if self._scheduler.cells is not None:
+                room.append(self._scheduler.cells // (per_particle * max(1, max_tokens)))
+        return replace(fitted, particles=max(1, min(room)))
 
     def plan(self, prompt_tokens: list[int], settings: SamplingSettings, num_samples: int = 1) -> CachePlan:
         """The KV cache a run of these settings allocates (what --dry-run shows)."""
@@ -142,6 +158,7 @@ class Session:
         if not prompt_tokens:
             raise UserError("the prompt is empty")
         max_tokens = fit_max_tokens(len(prompt_tokens), settings.max_tokens, self.options.ctx, self.engine.n_ctx_train)
+        settings = self.fit_particles(settings, max_tokens)
         layout = self.layout(settings, chains)
         # Unified cache: the prompt once, then every chain's sequence and proposals.
         plan = plan_cache(self.kv_shape, len(prompt_tokens), max_tokens, layout.chains, layout.slots_per_chain,

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UserError
 
 METHODS = ("power", "smc", "ppt", "low-temp", "standard", "greedy")
+# What ps-local samples with when no method is named (CLI, API, server, chat): Power-SMC, which
+# scripts/convergence.py measured nearest p^alpha per token decoded (README: How far from p^alpha).
+DEFAULT_METHOD = "smc"
+# Particles when none are asked for: DEFAULT_PARTICLES, fewer where their KV cache (one sequence
+# of max_tokens cells each) would pass SMC_KV_BUDGET bytes, but never fewer than MIN_DEFAULT_PARTICLES.
+DEFAULT_PARTICLES = 128
+MIN_DEFAULT_PARTICLES = 16
+SMC_KV_BUDGET = 2 << 30
 PPT_REPLICAS = 4  # rungs of the default ladder (gains saturate around 4-5 in the PPT paper)
 DEFAULT_MAX_TOKENS = 3072
 TABLE_SIZE = 256  # most tokens a proposal table keeps (samplers/proposal.py)
@@ -20,6 +28,9 @@ TABLE_SIZE = 256  # most tokens a proposal table keeps (samplers/proposal.py)
 # stderr). At the bounds the draws are greedy's (tau = 1e-30) or uniform (tau = 1e30), as they
 # should be (tests/test_settings.py).
 MAX_ALPHA = 1e30
+# With --rejuvenate each SMC particle takes two sequences (its own and one for its MH moves);
+# llama.cpp holds 256 in one context, one of which keeps the prompt.
+MAX_REJUVENATED_PARTICLES = 127
 MIN_TEMP = 1e-30
 MAX_TEMP = 1e30
 
@@ -43,14 +54,25 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()
     # Power-SMC (method "smc"): particles, and resampling when ESS < ess_threshold * particles,
     # checked every smc_check_every tokens.
-    particles: int = 16
+    particles: int | None = None  # None: default_particles() for the model and max_tokens
     ess_threshold: float = 0.5
     smc_check_every: int = 1
     # The SMC alpha-ramp: alpha rises from 1 to alpha over the first smc_ramp tokens (0: none).
     smc_ramp: int = 0
+    # Resample-move SMC: after each resampling, every particle takes this many MH moves on the
+    # intermediate target p^alpha over its first t tokens (0: none).
+    smc_rejuvenate: int = 0
     # Parallel power tempering (method "ppt"): the replicas' alphas, rising to alpha; None: a
     # geometric ladder of PPT_REPLICAS rungs from 1.
     ladder: tuple[float, ...] | None = None
+    # PPT: a swap sweep after every swap_every MH steps of the replicas (and after each block's last).
+    swap_every: int = 1
+    # PPT: MH steps of a discarded pilot run whose replicas' log p place the ladder for the
+    # sequence length (0: the ladder as given, or geometric).
+    ladder_warmup: int = 0
+    # MH (power, ppt): each block takes max(mcmc_steps, ceil(steps_per_token * n)) MH steps, n the
+    # sequence's length after the block's extension (0: mcmc_steps).
+    steps_per_token: float = 0.0
     # Speed switches that leave the output distribution unchanged; the benchmark turns them
     # off to measure the plain sequential chain.
     early_rejection: bool = True
@@ -89,18 +111,39 @@ class SamplingSettings:
             raise ValueError(f"table_size must be >= 1, got {self.table_size}")
         if self.method in ("smc", "ppt") and math.isinf(self.alpha):
             raise ValueError(f"--method {self.method} needs a finite --alpha (max-swap is --method power --alpha inf)")
+        if self.smc_rejuvenate < 0:
+            raise ValueError(f"--rejuvenate must be a number of MH moves >= 0, got {self.smc_rejuvenate}")
+        if self.swap_every < 1:
+            raise ValueError(f"--swap-every must be a positive integer, got {self.swap_every}")
+        if self.ladder_warmup < 0:
+            raise ValueError(f"--ladder-warmup must be a number of MH steps >= 0, got {self.ladder_warmup}")
+        if not (0 <= self.steps_per_token <= 1000):
+            raise ValueError(f"--steps-per-token must be a number from 0 to 1000, got {self.steps_per_token}")
         if self.smc_ramp < 0:
             raise ValueError(f"--alpha-ramp must be a number of tokens >= 0, got {self.smc_ramp}")
         if self.method == "ppt":
             self._validate_ladder()
-        if self.particles < 1 or self.particles > 255:
+        if self.particles is not None and not 1 <= self.particles <= 255:
             raise ValueError(f"--particles must be from 1 to 255, got {self.particles}")
+        if self.method == "smc" and self.smc_rejuvenate > 0:
+            self._validate_rejuvenation()
         if not 0 <= self.ess_threshold <= 1:
             raise ValueError(f"--ess-threshold must be from 0 to 1, got {self.ess_threshold}")
         if self.smc_check_every < 1:
             raise ValueError(f"--resample-every must be a positive integer, got {self.smc_check_every}")
         if any(s == "" for s in self.stop):
             raise ValueError("--stop strings must not be empty")
+
+    def _validate_rejuvenation(self) -> None:
+        if self.particle_count > MAX_REJUVENATED_PARTICLES:
+            raise ValueError(f"--rejuvenate gives each particle a second sequence for its moves: --particles must be "
+                             f"at most {MAX_REJUVENATED_PARTICLES} with it, got {self.particles}")
+        if self.proposal_temp is not None:
+            raise ValueError("--rejuvenate moves particles at the proposal temperature 1/alpha; drop --proposal-temp")
+        if self.smc_ramp > 0:
+            raise ValueError("--rejuvenate needs the target p^alpha at every token; drop --alpha-ramp")
+        if not self.smc_resample_first:
+            raise ValueError("smc_rejuvenate needs smc_resample_first (resampling before drawing)")
 
     def _validate_ladder(self) -> None:
         if self.proposal_temp is not None:
@@ -118,6 +161,14 @@ class SamplingSettings:
         if ladder[-1] != self.alpha:
             raise ValueError(f"--ladder must end at --alpha {self.alpha:g} (the replica whose samples are returned), "
                              f"got {_rungs(ladder)}")
+
+    @property
+    def particle_count(self) -> int:
+        """SMC particles: ``particles``, or DEFAULT_PARTICLES where a session has not fitted them
+        to the model's memory yet (``default_particles``)."""
+        if self.particles is not None:
+            return self.particles
+        return min(DEFAULT_PARTICLES, MAX_REJUVENATED_PARTICLES) if self.smc_rejuvenate else DEFAULT_PARTICLES
 
     @property
     def power_ladder(self) -> tuple[float, ...]:
@@ -147,7 +198,17 @@ class SamplingSettings:
 
     @property
     def steps_per_block(self) -> int:
-        return self.mcmc_steps if self.method in ("power", "ppt") else 0
+        """MH steps per block, or at least 1 where they scale with the sequence's length (0: no
+        MCMC at all; the length-dependent count is ``block_steps``)."""
+        if self.method not in ("power", "ppt"):
+            return 0
+        return max(self.mcmc_steps, 1) if self.steps_per_token > 0 else self.mcmc_steps
+
+    def block_steps(self, length: int) -> int:
+        """MH steps of a block whose extended sequence has ``length`` tokens."""
+        if self.method not in ("power", "ppt"):
+            return 0
+        return max(self.mcmc_steps, math.ceil(self.steps_per_token * length))
 
     @property
     def token_budget(self) -> int:
@@ -156,6 +217,18 @@ class SamplingSettings:
     @property
     def effective_block_size(self) -> int:
         return self.block_size if self.method in ("power", "ppt") else self.token_budget
+
+
+def default_particles(settings: SamplingSettings, max_tokens: int, bytes_per_cell: int | None) -> SamplingSettings:
+    """The settings with SMC's particle count fixed: as asked, or DEFAULT_PARTICLES, fewer where
+    their KV cells (max_tokens each) would pass SMC_KV_BUDGET (never under MIN_DEFAULT_PARTICLES)."""
+    if settings.particles is not None or settings.method != "smc":
+        return settings
+    count = settings.particle_count
+    if bytes_per_cell:
+        fit = SMC_KV_BUDGET // (max(1, max_tokens) * bytes_per_cell * (2 if settings.smc_rejuvenate else 1))
+        count = max(MIN_DEFAULT_PARTICLES, min(count, fit))
+    return replace(settings, particles=count)
 
 
 def _rungs(ladder: tuple[float, ...]) -> str:
@@ -200,6 +273,10 @@ class SampleStats:
     distinct_ancestors: int | None = None  # first-generation particles with descendants at the end
     log_normalizer: float | None = None  # estimate of log of the sum of p(x)^alpha over sequences x
     particle_tokens: int | None = None  # tokens appended to particles (shared entries: once in tokens_decoded)
+    distinct_sequences: int | None = None  # distinct sequences among the final particles
+    # Resample-move SMC (--rejuvenate) counts its particles' MH moves in mh_steps, accepted, moved
+    # (and acceptance_rate), its proposals' decoding in tokens_decoded; and its sweeps here.
+    rejuvenations: int | None = None
     # Parallel power tempering (None for the other methods): the replicas' alphas and, per
     # adjacent pair, the share of proposed swaps accepted.
     ladder: list[float] | None = None

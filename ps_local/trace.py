@@ -27,8 +27,15 @@ introduced by its ``header``):
   the tokens it drew, and ``log_accept`` is the bound that fell below ``log_u``), ``accepted``,
   ``moved`` (accepted and a different sequence), ``tokens_decoded`` (the chain's so far).
   PPT adds ``replica`` (its rung, 0 = alpha_1) and ``alpha`` (the rung's) to ``block`` and ``mh``.
-* ``swap`` (ppt; after each block's MH steps): ``chain``, ``block``, ``rungs`` [k, k+1],
-  ``alphas``, ``logp`` (the two sequences' log p before the swap), ``log_accept``, ``accepted``.
+* ``swap`` (ppt; a sweep after every ``swap_every`` MH steps of the replicas and after a block's
+  last): ``chain``, ``block``, ``sweep`` (within the block, from 1), ``step`` (MH steps each
+  replica took in the block before it), ``rungs`` [k, k+1], ``alphas``, ``logp`` (the two
+  sequences' log p before the swap), ``log_accept``, ``accepted``.
+* ``ladder`` (ppt with ``ladder_warmup``; once per chain, before its first block): ``chain``,
+  ``pilot_ladder`` (the ladder the discarded pilot ran), ``ladder`` (the one placed for the real
+  run), ``energies`` (each pilot rung's mean -log p over the later half of its sweeps), ``steps``
+  (the pilot's MH steps per replica), ``sweeps``, ``pilot_swap_acceptance`` (per adjacent pair),
+  ``tokens_decoded`` (the pilot's, all replicas; included in the sample's statistics).
 * ``ess`` (smc; every ESS check): ``chain``, ``t`` (token position), ``ess`` (before any
   resampling), ``particles``, ``threshold`` (ESS below it resamples), ``resampled``; the last one
   of a run (the final weights; ``threshold`` null) has ``final: true``, the ``chosen`` particle and
@@ -36,6 +43,11 @@ introduced by its ``header``):
 * ``resample`` (smc): ``chain``, ``t``, ``ess`` (before), ``counts`` (copies of each particle:
   0 = dropped), ``survivors`` (particles with a copy), ``distinct_ancestors`` (first-generation
   particles with descendants, after), ``log_normalizer`` (estimate of log sum p^alpha so far).
+* ``rejuvenate`` (smc with ``--rejuvenate``; one per sweep of MH moves over the particles after
+  a resampling): ``chain``, ``t`` (the moves' block end: they target p^alpha over t tokens),
+  ``moves``, ``accepted``, ``moved`` (accepted with another sequence), ``particles_changed``
+  (particles that ended the sweep on another sequence), ``distinct_before``, ``distinct_after``
+  (distinct sequences among the particles), ``tokens_decoded`` (by the sweep's proposals).
 * ``sample`` (every method, as a chain ends): ``chain``, ``tokens`` (how many), ``token_ids``,
   ``logp``, ``target`` (alpha * logp; null for alpha = inf), ``stop_reason``, ``text`` and
   ``stats`` (the sample's statistics, as in ``--json``).

@@ -61,6 +61,7 @@ class JobTrace:
     ess: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     resamples: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     swaps: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    rejuvenations: dict[int, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     samples: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -158,6 +159,8 @@ def _take(jobs: dict[int, JobTrace], event: dict[str, Any], path: Path, number: 
             job.resamples[chain].append(event)
         elif kind == "swap":
             job.swaps[chain].append(event)
+        elif kind == "rejuvenate":
+            job.rejuvenations[chain].append({key: int(event[key]) for key in ("moves", "accepted", "moved")})
         elif kind == "sample":
             job.samples[chain] = event
         # other kinds (a newer ps-local's) are skipped
@@ -245,6 +248,10 @@ def summarize_job(job: JobTrace) -> dict[str, Any]:
                                                 if resamples else None),
                 "log_normalizer": final.get("log_normalizer") if final else None,
             }
+            sweeps = job.rejuvenations.get(chain)
+            if sweeps:  # resample-move: the particles' MH moves
+                record["smc"]["rejuvenation"] = {"sweeps": len(sweeps),
+                                                 **{key: sum(s[key] for s in sweeps) for key in sweeps[0]}}
         chains.append(record)
     summary: dict[str, Any] = {
         "job": job.number, "method": job.method, "seed": header.get("seed"),
@@ -452,6 +459,11 @@ def format_summary(summary: dict[str, Any]) -> str:
                              f"{_num(smc['ess_min'], 1)} of {smc['particles']}, final ESS {_num(smc['ess_final'], 1)}, "
                              f"{smc['distinct_ancestors']} distinct ancestors, log normalizer "
                              f"{_num(smc['log_normalizer'])}")
+                if "rejuvenation" in smc:
+                    moves = smc["rejuvenation"]
+                    lines.append(f"    rejuvenation: {moves['sweeps']} sweeps, {moves['moves']} MH moves, accepted "
+                                 f"{_pct(_rate(moves['accepted'], moves['moves']))}, moved "
+                                 f"{_pct(_rate(moves['moved'], moves['moves']))}")
         if job.get("swaps"):
             lines.append("  swap acceptance per pair (all chains): " + ", ".join(
                 f"{s['rungs'][0]}<->{s['rungs'][1]} {_pct(s['rate'])} ({s['accepted']}/{s['proposed']})"

@@ -114,9 +114,9 @@ def test_question_and_answer(terminal, request, fixture, mode):
     screen = chat.wait_for_prompt(1)
     assert mode in screen and "/help" in screen  # the banner says which prompt format it uses
     chat.type("hello")
-    chat.wait_for_text("[sample 0] power")
+    chat.wait_for_text("[sample 0] smc")  # the default method
     chat.type("and again?")
-    screen = chat.wait_for_text("[sample 0] power", count=2)
+    screen = chat.wait_for_text("[sample 0] smc", count=2)
     assert len(answers(screen)) == 2 and all(ANSWER.fullmatch(answer) for answer in answers(screen)), screen
 
 
@@ -130,17 +130,18 @@ def test_commands_change_and_show_the_settings(terminal, tiny_gguf):
     screen = chat.wait_for_text("ladder ")
     assert "error: /alpha must be a number >= 1" in screen, screen
     settings = screen[screen.index("> /settings"):]
-    assert re.search(r"^alpha +2$", settings, re.M) and re.search(r"^method +power$", settings, re.M), settings
-    chat.type("/method smc")
+    assert re.search(r"^alpha +2$", settings, re.M) and re.search(r"^method +smc$", settings, re.M), settings
+    chat.type("/method power")
     chat.type("hello")
-    screen = chat.wait_for_text("[sample 0] smc")
+    screen = chat.wait_for_text("[sample 0] power")
+    assert "[sample 0] power, alpha=2 B=192 N=10" in screen, screen  # /alpha 2 kept across the change
     chat.type("/help")
     chat.wait_for_text("/clear")
 
 
 @needs_tmux
 def test_ctrl_c_stops_an_answer_and_clears_a_line(terminal, tiny_gguf):
-    chat = terminal(tiny_gguf)
+    chat = terminal(tiny_gguf, "--method", "power")
     chat.wait_for_prompt(1)
     # One block of ten million MH steps: hours of work, unless stopped.
     chat.type("/mcmc-steps 10000000")
@@ -196,7 +197,7 @@ def test_pipe_one_answer_per_message(tiny_gguf):
     assert len(replies) == 2 and all(ANSWER.fullmatch(reply) for reply in replies), out
     stderr = result.stderr.decode()
     # No banner, no prompt: the summaries only.
-    assert stderr.count("\n") == 2 and stderr.count("[sample 0] power") == 2, stderr
+    assert stderr.count("\n") == 2 and stderr.count("[sample 0] smc, alpha=4 particles=128") == 2, stderr
 
 
 def test_pipe_json_keeps_the_conversation(tiny_gguf):
@@ -368,7 +369,8 @@ def test_pipe_ctrl_c_stops_the_chat(tiny_gguf, tmp_path):
     messages = tmp_path / "messages.txt"
     messages.write_text("/mcmc-steps 10000000\n/settings\nhello\nagain\n")
     with messages.open("rb") as stdin:
-        process = subprocess.Popen([sys.executable, "-m", "ps_local.cli", "chat", str(tiny_gguf), *SMALL],
+        process = subprocess.Popen([sys.executable, "-m", "ps_local.cli", "chat", str(tiny_gguf), *SMALL,
+                                    "--method", "power"],
                                    stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         # The reply to /settings ends with the ladder: the answer to "hello" is being sampled next.

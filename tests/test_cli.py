@@ -17,6 +17,9 @@ import pytest
 from conftest import write_tiny_model
 
 FAST = ["--max-tokens", "8", "--block-size", "4", "--mcmc-steps", "3", "--threads", "2"]
+# FAST sets MH options (block size, MH steps), which only power and ppt read; the default method
+# (smc) refuses them, so the tests of MH runs name their method.
+POWER = ["--method", "power", *FAST]
 
 
 def ps_local(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -38,7 +41,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[bytes], fragment: 
 
 
 def test_stdout_has_only_the_text(tiny_gguf):
-    result = ps_local("generate", str(tiny_gguf), "yes no", *FAST, "--seed", "1")
+    result = ps_local("generate", str(tiny_gguf), "yes no", *POWER, "--seed", "1")
     assert result.returncode == 0, result.stderr
     text = result.stdout.decode().removesuffix("\n")
     assert re.fullmatch(r"(?: yes| no| maybe|!){1,8}", text), text
@@ -46,21 +49,21 @@ def test_stdout_has_only_the_text(tiny_gguf):
 
 
 def test_quiet_silences_stderr(tiny_gguf):
-    result = ps_local("generate", str(tiny_gguf), "yes no", *FAST, "--quiet")
+    result = ps_local("generate", str(tiny_gguf), "yes no", *POWER, "--quiet")
     assert result.returncode == 0 and result.stderr == b"" and result.stdout.strip()
 
 
 @pytest.mark.parametrize("prompt_args", [["-"], []])
 def test_prompt_from_stdin(tiny_gguf, prompt_args):
-    by_stdin = ps_local("generate", str(tiny_gguf), *prompt_args, *FAST, "--seed", "3", "--json", input=b"maybe yes")
-    by_arg = ps_local("generate", str(tiny_gguf), "maybe yes", *FAST, "--seed", "3", "--json")
+    by_stdin = ps_local("generate", str(tiny_gguf), *prompt_args, *POWER, "--seed", "3", "--json", input=b"maybe yes")
+    by_arg = ps_local("generate", str(tiny_gguf), "maybe yes", *POWER, "--seed", "3", "--json")
     assert by_stdin.returncode == 0, by_stdin.stderr
     assert json.loads(by_stdin.stdout)["prompt_token_ids"] == [1, 261, 259]
     assert json.loads(by_stdin.stdout)["tokens"] == json.loads(by_arg.stdout)["tokens"]
 
 
 def test_json_lines_carry_the_fields(tiny_gguf):
-    result = ps_local("generate", str(tiny_gguf), "yes", *FAST, "--json", "-n", "3", "--seed", "5")
+    result = ps_local("generate", str(tiny_gguf), "yes", *POWER, "--json", "-n", "3", "--seed", "5")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert len(records) == 3
@@ -81,7 +84,7 @@ def test_json_lines_carry_the_fields(tiny_gguf):
 
 
 def test_seed_reproduces_tokens(tiny_gguf):
-    runs = [ps_local("generate", str(tiny_gguf), "no", *FAST, "--json", "-n", "4", "--seed", seed)
+    runs = [ps_local("generate", str(tiny_gguf), "no", *POWER, "--json", "-n", "4", "--seed", seed)
             for seed in ("7", "7", "8")]
     tokens = [sorted(json.dumps(json.loads(line)["tokens"]) for line in r.stdout.decode().splitlines())
               for r in runs]
@@ -97,7 +100,7 @@ def test_baselines(tiny_gguf, method):
 
 
 def test_max_swap_and_block_larger_than_max_tokens(tiny_gguf):
-    result = ps_local("generate", str(tiny_gguf), "yes", "--alpha", "inf", "--max-tokens", "6",
+    result = ps_local("generate", str(tiny_gguf), "yes", "--method", "power", "--alpha", "inf", "--max-tokens", "6",
                       "--block-size", "100", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["stats"]["alpha"] == "inf"
@@ -115,7 +118,7 @@ def test_stop_string_ends_the_sample(tiny_gguf):
 
 def test_gets_to_stdout_when_piped_to_head(tiny_gguf):
     # A reader that goes away early must not cause a traceback.
-    shell = f"{sys.executable} -m ps_local.cli generate {tiny_gguf} yes {' '.join(FAST)} -n 20 | head -c 1"
+    shell = f"{sys.executable} -m ps_local.cli generate {tiny_gguf} yes {' '.join(POWER)} -n 20 | head -c 1"
     result = subprocess.run(shell, shell=True, capture_output=True, timeout=120)
     assert b"Traceback" not in result.stderr
 
@@ -184,7 +187,7 @@ def test_the_bounds_themselves_sample(tiny_gguf):
         return json.loads(result.stdout)["tokens"]
 
     greedy = tokens("--method", "greedy")
-    assert tokens(*FAST[2:], "--alpha", "1e30") == greedy  # FAST without its --max-tokens
+    assert tokens("--method", "power", *FAST[2:], "--alpha", "1e30") == greedy  # FAST without its --max-tokens
     assert tokens("--method", "standard", "--proposal-temp", "1e-30") == greedy
     assert len(tokens("--method", "standard", "--proposal-temp", "1e30")) >= 1
 
@@ -220,8 +223,8 @@ def test_default_max_tokens_shrinks_to_fit(tiny_gguf):
 
 def test_ctrl_c_exits_130_without_traceback(tiny_gguf):
     process = subprocess.Popen(
-        [sys.executable, "-m", "ps_local.cli", "generate", str(tiny_gguf), "yes", "--max-tokens", "3000",
-         "--mcmc-steps", "100000000", "--quiet"],
+        [sys.executable, "-m", "ps_local.cli", "generate", str(tiny_gguf), "yes", "--method", "power",
+         "--max-tokens", "3000", "--mcmc-steps", "100000000", "--quiet"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     time.sleep(3)
@@ -239,7 +242,7 @@ def test_ctrl_c_exits_130_without_traceback(tiny_gguf):
         (["--gpu-layers", "-2"], "--gpu-layers"),
         (["--ctx", "100000"], "trained context"),
         (["--chains-per-batch", "0"], "--chains-per-batch"),
-        (["--round-width", "0"], "--round-width"),
+        (["--method", "power", "--round-width", "0"], "--round-width must be"),  # smc refuses it outright
         (["--cache-type", "q4_7"], "--cache-type"),
         (["--cache-type", "q8_0"], "multiple of 32"),  # the tiny model's heads are 8 long
     ],
@@ -269,19 +272,21 @@ def test_alpha_is_used_by_low_temp(tiny_gguf):
 
 
 def test_summary_line_says_how_often_the_chain_moved(tiny_gguf):
-    result = ps_local("generate", str(tiny_gguf), "yes no", *FAST, "--seed", "1")
+    result = ps_local("generate", str(tiny_gguf), "yes no", *POWER, "--seed", "1")
     summary = result.stderr.decode()
     assert re.search(r"moved \d+/\d+ \(\d+%\), accepted \d+/\d+", summary), summary
-    record = json.loads(ps_local("generate", str(tiny_gguf), "yes no", *FAST, "--seed", "1", "--json").stdout)
+    record = json.loads(ps_local("generate", str(tiny_gguf), "yes no", *POWER, "--seed", "1", "--json").stdout)
     assert 0 <= record["stats"]["moved"] <= record["stats"]["accepted"] <= record["stats"]["mh_steps"]
 
 
 def test_dry_run_shows_the_cache(tiny_gguf):
-    result = ps_local("generate", str(tiny_gguf), "yes", "--max-tokens", "100", "--round-width", "3", "--dry-run")
+    result = ps_local("generate", str(tiny_gguf), "yes", "--method", "power", "--max-tokens", "100",
+                      "--round-width", "3", "--dry-run")
     assert result.returncode == 0, result.stderr
     # prompt (2 tokens) + (1 + 3) * 100 + 8 spare cells.
     assert "410 cells" in result.stdout.decode()
-    smaller = ps_local("generate", str(tiny_gguf), "yes", "--max-tokens", "100", "--round-width", "1", "--dry-run")
+    smaller = ps_local("generate", str(tiny_gguf), "yes", "--method", "power", "--max-tokens", "100",
+                       "--round-width", "1", "--dry-run")
     assert "210 cells" in smaller.stdout.decode()
 
 
@@ -339,7 +344,7 @@ def test_an_engine_failure_while_sampling_is_one_line(tiny_gguf, monkeypatch, ca
         return original(self, requests)
 
     monkeypatch.setattr(LlamaEngine, "decode", failing)
-    status = cli.run_cli(cli.cli, ["generate", str(tiny_gguf), "yes", *FAST])
+    status = cli.run_cli(cli.cli, ["generate", str(tiny_gguf), "yes", *POWER])
     captured = capsys.readouterr()
     assert status == 1
     assert captured.err.strip() == "ps-local: error: llama_decode failed: the KV cache is full"
@@ -349,7 +354,7 @@ def test_a_prompt_from_a_terminal_gets_a_hint(tiny_gguf):
     import pty
 
     master, slave = pty.openpty()
-    process = subprocess.Popen([sys.executable, "-m", "ps_local.cli", "generate", str(tiny_gguf), *FAST],
+    process = subprocess.Popen([sys.executable, "-m", "ps_local.cli", "generate", str(tiny_gguf), *POWER],
                                stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     os.close(slave)
     time.sleep(2)
@@ -409,7 +414,8 @@ def test_smc_from_the_cli_reports_its_diagnostics(tiny_gguf):
     assert json.loads(again.stdout)["tokens"] == json.loads(result.stdout)["tokens"]
     assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--method", "smc", "--alpha", "inf"),
                           "finite --alpha")
-    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--particles", "4"), "no effect")
+    assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--method", "power", "--particles", "4"),
+                          "no effect")
     assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--method", "smc", "--alpha-ramp", "-1"),
                           "--alpha-ramp must be")
 
@@ -430,3 +436,50 @@ def test_ppt_from_the_cli_reports_its_swaps(tiny_gguf):
                               (["--alpha", "1"], "alpha > 1")]:
         assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--method", "ppt", *options), fragment)
     assert_one_line_error(ps_local("generate", str(tiny_gguf), "yes", "--ladder", "1,4"), "no effect")
+
+
+# -- the default method: Power-SMC ---------------------------------------------------------
+
+
+def test_the_default_method_is_smc(tiny_gguf):
+    assert "[default: smc]" in ps_local("generate", "--help").stdout.decode()
+    result = ps_local("generate", str(tiny_gguf), "yes no", "--max-tokens", "8", "--seed", "1", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    # The tiny model's KV cells are 256 B: 128 particles of 8 cells are far within the 2 GiB budget.
+    assert re.fullmatch(r"\[sample 0\] smc, alpha=4 particles=128, ESS min \d+\.\d, \d+ resamplings, "
+                        r"\d+ distinct ancestors, \d+ tokens \((eos|length)\), \d+ decoded for \d+ particle tokens, "
+                        r"\d+\.\d s, seed 1\n", result.stderr.decode()), result.stderr
+    record = json.loads(ps_local("generate", str(tiny_gguf), "yes no", "--max-tokens", "8", "--seed", "1",
+                                 "--threads", "2", "--json").stdout)
+    stats = record["stats"]
+    assert stats["method"] == "smc" and stats["particles"] == 128 and stats["mh_steps"] == 0
+    assert 1 <= stats["ess_min"] <= 128 and 1 <= stats["distinct_ancestors"] <= 128
+    assert record["text"] == result.stdout.decode().removesuffix("\n")  # the same seed, the same sample
+
+
+def test_a_default_dry_run_shows_the_particles_fitted(tiny_gguf, monkeypatch, capsys):
+    """--dry-run of a default (smc) run: one KV sequence per particle (after the prompt's),
+    128 particles, fewer where particles x max_tokens cells would pass the budget, never under
+    16; --particles as given."""
+    from ps_local import cli, settings
+
+    # The tiny model's cells are 256 B (test_info_shows_the_kv_cache): this budget holds
+    # 128 particles of 256 tokens.
+    monkeypatch.setattr(settings, "SMC_KV_BUDGET", 128 * 256 * 256)
+
+    def sequences(*options: str) -> int:
+        status = cli.run_cli(cli.cli, ["generate", str(tiny_gguf), "yes", "--dry-run", *options])
+        out = capsys.readouterr().out
+        assert status == 0, out
+        return int(re.fullmatch(r"KV cache: .* (\d+) sequences\n", out).group(1)) - 1  # less the prompt's
+
+    assert sequences("--max-tokens", "100") == 128
+    assert sequences("--max-tokens", "256") == 128
+    assert sequences("--max-tokens", "1024") == 32
+    assert sequences("--max-tokens", "4000") == 16  # 8 would fit: never under 16
+    assert sequences() == 16  # the default 3072 tokens
+    assert sequences("--max-tokens", "4000", "--particles", "100") == 100
+    assert sequences("--max-tokens", "100", "--particles", "20") == 20
+    assert sequences("--max-tokens", "1024", "--rejuvenate", "2") == 2 * 16  # two sequences per particle
+    assert sequences("--max-tokens", "100", "--rejuvenate", "2") == 2 * 127  # at most 127 with --rejuvenate
+    assert sequences("--method", "power", "--max-tokens", "4000", "--round-width", "1") == 2  # MH: no particles

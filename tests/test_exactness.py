@@ -201,3 +201,16 @@ def test_max_swap_never_lowers_the_likelihood(case):
     # by float32 noise (about 1e-4 here), far below what one lowering move costs.
     assert min(gains) >= (-1e-6 if isinstance(case.engine, ToyEngine) else -1e-3)
     assert sum(gain > 1e-6 for gain in gains) >= 5  # it climbs, too
+
+
+def test_steps_that_scale_with_length_match_p_alpha(case):
+    """--steps-per-token: each block takes ceil(S x n) MH steps, n the extended sequence's length
+    (here 1 to 3 tokens), fixed before the block's first step; exact like a fixed count. One step
+    per token is far too few on this model: it stays measurably away (the control)."""
+    target = case.exact.power(ALPHA)
+    samples = case.samples(seed=16, mcmc_steps=0, steps_per_token=10.0, round_width=2)
+    counts = {s.stats.mh_steps for s in samples}
+    assert counts <= {10, 20, 30} and len(counts) >= 2, counts  # the count follows the length
+    assert total_variation([s.tokens for s in samples], case.exact, target) <= tv_bound(target)
+    few = case.draw(seed=17, mcmc_steps=0, steps_per_token=1.0)
+    assert total_variation(few, case.exact, target) > tv_bound(target)

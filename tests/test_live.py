@@ -48,6 +48,40 @@ def progress(chain: int = 0, tokens: tuple[int, ...] = (1, 2), step: int = 3, de
                     tokens_decoded=decoded, elapsed_s=1.0, tokens=tokens)
 
 
+def smc_progress(chain: int = 0, token: int = 7, ess: float = 41.26, particles: int = 128, resamples: int = 3,
+                 tokens: tuple[int, ...] = (1, 2)) -> Progress:
+    """What Power-SMC reports after a token: mh_step is the token, mh_steps the most tokens."""
+    return Progress(chain=chain, block=1, blocks=1, mh_step=token, mh_steps=64, accepted=0, proposals=0,
+                    tokens_decoded=200, elapsed_s=1.0, tokens=tokens, method="smc", ess=ess, particles=particles,
+                    resamples=resamples)
+
+
+def test_smc_status() -> None:
+    stream, clock = FakeTTY(), Clock()
+    live = view(stream, clock, columns=120)
+    live.start("smc")
+    assert "sampling (smc)" in stream.getvalue()
+    clock.now += 2.0
+    live.progress(smc_progress(tokens=(1, 2, 3, 4)))
+    status = live.frame()[-1]
+    assert status == "token 7/64, ESS 41.3 of 128 particles, 3 resamplings | 200 tok decoded, 100.0 tok/s, 2.0 s"
+    assert f"{DIM}Hello world{RESET}" in stream.getvalue()  # the heaviest particle's text
+    assert "block" not in stream.getvalue() and "MH step" not in stream.getvalue()
+    clock.now += 1.0
+    live.progress(smc_progress(token=8, ess=128.0, resamples=4))
+    assert live.frame()[-1].startswith("token 8/64, ESS 128.0 of 128 particles, 4 resamplings | ")
+
+
+def test_smc_status_of_several_chains() -> None:
+    stream, clock = FakeTTY(), Clock()
+    live = view(stream, clock, columns=200)
+    live.progress(smc_progress(chain=0, token=5, ess=12.4, particles=16))
+    live.progress(smc_progress(chain=1, token=9, ess=99.6, particles=128))
+    status = live.frame()[-1]
+    assert status.endswith("| #0 t5/64 ESS 12/16; #1 t9/64 ESS 100/128"), status
+    assert "400 tok decoded" in status
+
+
 def test_status_and_dim_text() -> None:
     stream, clock = FakeTTY(), Clock()
     live = view(stream, clock)
@@ -159,8 +193,8 @@ def test_nothing_on_a_pipe() -> None:
 
 # -- in a real terminal ---------------------------------------------------------------------------
 
-GENERATE = ["generate", "TINY", "yes", "--max-tokens", "16", "--block-size", "4", "--mcmc-steps", "2000", "--seed", "1",
-            "--threads", "1"]
+GENERATE = ["generate", "TINY", "yes", "--method", "power", "--max-tokens", "16", "--block-size", "4", "--mcmc-steps",
+            "2000", "--seed", "1", "--threads", "1"]
 
 
 def generate_args(model: Path) -> list[str]:
@@ -203,3 +237,24 @@ def test_generate_piped_in_a_terminal(tiny_gguf: Path, tmp_path: Path) -> None:
     text = out.read_text()
     assert "[sample 0] power" in screen  # stderr: the terminal
     assert text == expected and text.strip()  # stdout: only the final text, as without a terminal
+
+
+@needs_tmux
+def test_default_smc_in_a_terminal(tiny_gguf: Path, tmp_path: Path) -> None:
+    """The default method (smc) reports after each token: the token, the ESS of the particles
+    and the resamplings so far; erased before the answer and the summary are printed."""
+    args = [sys.executable, "-m", "ps_local.cli", "generate", str(tiny_gguf), "yes", "--max-tokens", "200",
+            "--seed", "1", "--threads", "1"]
+    raw = tmp_path / "pane.raw"
+    terminal = Terminal("sleep 1; " + " ".join(shlex.quote(a) for a in args))
+    try:
+        terminal.tmux("pipe-pane", "-t", "chat", f"cat >> {shlex.quote(str(raw))}")
+        screen = terminal.wait_for_text("EXIT=0", timeout=300)
+    finally:
+        terminal.close()
+    sent = raw.read_bytes().decode("utf-8", errors="replace")
+    assert "sampling (smc)" in sent
+    status = r"token \d+/200, ESS \d+\.\d of 128 particles, \d+ resamplings \| \d+ tok decoded"
+    assert re.search(status, sent), sent[:2000]
+    assert "[sample 0] smc, alpha=4 particles=128" in screen
+    assert "tok decoded" not in screen and "sampling (" not in screen  # erased before the answer was printed

@@ -1,9 +1,13 @@
 """Parallel power tempering samples p^alpha: by enumeration its alpha replica matches exact
 p^alpha on the numpy toy and through llama.cpp, also with one-token tables (draws from tables a
-replica of another temperature built); without the swap correction it misses; where the MH
-chain at tau = 1/alpha mixes slowly, the hot replicas help."""
+replica of another temperature built), with a swap sweep after every MH step or every few, and
+with a ladder placed by a discarded pilot; without the swap correction it misses; where the MH
+chain at tau = 1/alpha mixes slowly, the hot replicas help; on long sequences a placed ladder
+swaps far more often than the geometric one."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -12,9 +16,12 @@ from ps_local.engine import LlamaEngine
 from ps_local.exact import enumerate_sequences, total_variation, tv_bound
 from ps_local.scheduler import sample
 from ps_local.settings import Sample, SamplingSettings
+from ps_local.samplers import ppt
 from ps_local.samplers.mh import Trajectory
+from ps_local.samplers.ppt import place_ladder
 from ps_local.samplers.proposal import TokenSampler
 from ps_local.toy_engine import ToyEngine
+from ps_local.trace import TraceWriter
 
 from conftest import write_tiny_model
 
@@ -46,8 +53,9 @@ def toy():
 
 
 def test_the_alpha_replica_matches_p_alpha(toy):
+    """A swap sweep after every MH step (15 sweeps in the one block)."""
     engine, prompt, exact = toy
-    samples = ppt_samples(engine, prompt)
+    samples = ppt_samples(engine, prompt, swap_every=1)
     assert tv(exact, samples) <= tv_bound(exact.power(ALPHA), CHAINS)
     stats = samples[0].stats
     assert stats.method == "ppt" and stats.ladder == pytest.approx([1, 4 ** (1 / 3), 4 ** (2 / 3), 4])
@@ -60,15 +68,17 @@ def test_one_token_tables_across_rungs_match_p_alpha(toy):
     """Tables of one token: a replica draws from tables that replicas of other temperatures
     built (the sequences swap), and most draws fall outside them."""
     engine, prompt, exact = toy
-    samples = ppt_samples(engine, prompt, seed=1, table_size=1)
+    samples = ppt_samples(engine, prompt, seed=1, table_size=1, swap_every=1)
     assert sum(s.stats.tokens_reevaluated for s in samples) >= CHAINS
     assert tv(exact, samples) <= tv_bound(exact.power(ALPHA), CHAINS)
 
 
 def test_an_explicit_ladder_in_wide_rounds_matches_p_alpha(toy):
     engine, prompt, exact = toy
+    # A swap sweep after every 4 MH steps (and after the 15th): rounds of up to 3 proposals fit
+    # between sweeps.
     settings = SamplingSettings(method="ppt", alpha=ALPHA, ladder=(1.0, 2.0, ALPHA), max_tokens=MAX_TOKENS,
-                                block_size=MAX_TOKENS, mcmc_steps=STEPS, seed=2)
+                                block_size=MAX_TOKENS, mcmc_steps=STEPS, seed=2, swap_every=4)
     samples = sample(engine, prompt, settings, CHAINS, chains_per_batch=20, max_round_width=3)
     assert max(s.stats.widest_round for s in samples) > 1
     assert tv(exact, samples) <= tv_bound(exact.power(ALPHA), CHAINS)
@@ -116,6 +126,111 @@ def test_every_rung_scores_a_draw_as_its_own_sampler_would():
         trajectory.append(one, None)
     trajectory.retarget(0)
     assert trajectory.cum_weight == pytest.approx(np.cumsum([0.0] + [d.rung_weights[0] for d in draws]).tolist())
+
+
+# -- swap sweeps between MH steps, and a ladder placed for the sequence length ------------------
+
+
+def traced_ppt(engine, prompt, chains: int, **options) -> tuple[list[Sample], list[dict]]:
+    events: list[dict] = []
+    settings = SamplingSettings(**{**dict(method="ppt", alpha=ALPHA, max_tokens=MAX_TOKENS, block_size=MAX_TOKENS,
+                                          mcmc_steps=STEPS, seed=6), **options})
+    with TraceWriter(events.append) as writer:
+        samples = sample(engine, prompt, settings, chains, trace=writer)
+    return samples, events
+
+
+def test_a_swap_sweep_after_every_mh_step(toy):
+    """swap_every=1 proposes STEPS times as many swaps per block as one sweep per block."""
+    engine, prompt, _ = toy
+    pairs = len(SamplingSettings(method="ppt", alpha=ALPHA).power_ladder) - 1
+    counts = {}
+    for every in (1, STEPS):
+        samples, events = traced_ppt(engine, prompt, 4, swap_every=every)
+        counts[every] = sum(e["event"] == "swap" for e in events)
+    assert counts == {STEPS: 4 * pairs, 1: 4 * STEPS * pairs}  # one block per chain
+
+
+def test_a_ladder_is_placed_for_the_energies():
+    geometric = SamplingSettings(method="ppt", alpha=ALPHA).power_ladder
+    target = -math.log(ppt.SWAP_TARGET)
+
+    def costs(ladder, energy):  # -log of each pair's expected swap acceptance
+        return [(b - a) * (energy(a) - energy(b)) for a, b in zip(ladder, ladder[1:])]
+
+    def placed(energy, ladder=geometric):
+        found = place_ladder(ladder, [energy(a) for a in ladder])
+        assert len(found) == len(ladder) and found[-1] == ALPHA and found[0] >= 1
+        assert all(b > a for a, b in zip(found, found[1:]))
+        return found
+
+    # Energies that fall steeply (a long sequence): the rungs crowd toward alpha, each pair at
+    # the target.
+    steep = placed(lambda a: 200 / a)
+    assert steep[0] > 3 and costs(steep, lambda a: 200 / a) == pytest.approx([target] * 3, rel=1e-3)
+    assert costs(geometric, lambda a: 200 / a)[0] > 20 * target  # what the geometric ladder costs
+    # Flat energies: nothing to gain, the ladder spans 1..alpha (geometric).
+    assert placed(lambda a: 5.0) == pytest.approx(geometric)
+    # Gentle ones (a short sequence): 1..alpha meets the target, the pairs share it evenly.
+    gentle = placed(lambda a: 4 / a)
+    assert gentle[0] == 1 and max(costs(gentle, lambda a: 4 / a)) < target
+    assert np.ptp(costs(gentle, lambda a: 4 / a)) < 1e-9
+    # Energies that fall linearly: between the pilot's rungs, the costs come near the target.
+    linear = placed(lambda a: 40 - 6 * a)
+    assert 2 < linear[0] and costs(linear, lambda a: 40 - 6 * a) == pytest.approx([target] * 3, rel=0.5)
+    # Noisy energies that rise somewhere, and a given ladder above 1: still a valid ladder.
+    placed(lambda a: {1.0: 10, geometric[1]: 12, geometric[2]: 9, 4.0: 9.5}[a])
+    assert placed(lambda a: 30 / a, (2.0, 3.0, ALPHA))[0] > 2
+
+
+def test_a_placed_ladder_matches_p_alpha(toy, monkeypatch):
+    """The pilot's ladder, different from chain to chain, then a real run with it: exact. A high
+    target acceptance spreads the ladders (most bottoms above 1); one-token tables."""
+    engine, prompt, exact = toy
+    monkeypatch.setattr(ppt, "SWAP_TARGET", 0.97)
+    chains = 2000
+    samples = ppt_samples(engine, prompt, chains=chains, seed=7, table_size=1, ladder_warmup=4)
+    ladders = np.array([s.stats.ladder for s in samples])
+    assert (ladders[:, -1] == ALPHA).all() and (ladders[:, 0] >= 1).all() and (np.diff(ladders) > 0).all()
+    assert (ladders[:, 0] > 1.05).mean() > 0.4 and len({tuple(ladder) for ladder in ladders}) > chains / 4
+    assert tv(exact, samples) <= tv_bound(exact.power(ALPHA), chains)
+
+
+def test_the_pilot_is_discarded_and_counted(toy):
+    """One ladder event per chain; the pilot writes no other event (its MH steps are not the
+    chain's); its decoded tokens count in the sample's; the samples do not depend on the batch."""
+    engine, prompt, _ = toy
+    samples, events = traced_ppt(engine, prompt, 4, ladder_warmup=5, swap_every=2)
+    for index, found in enumerate(samples):
+        mine = [e for e in events if e.get("chain") == index]
+        (ladder,) = [e for e in mine if e["event"] == "ladder"]
+        assert ladder["pilot_ladder"] == pytest.approx(SamplingSettings(method="ppt", alpha=ALPHA).power_ladder)
+        assert ladder["ladder"] == found.stats.ladder and ladder["steps"] == 5 and ladder["sweeps"] == 3
+        assert len(ladder["energies"]) == len(ladder["pilot_swap_acceptance"]) + 1 == 4
+        steps = [e for e in mine if e["event"] == "mh"]
+        assert len(steps) == 4 * STEPS and {e["alpha"] for e in steps} == set(found.stats.ladder)
+        real = sum(max(e["tokens_decoded"] for e in steps if e["replica"] == k) for k in range(4))
+        assert found.stats.tokens_decoded == real + ladder["tokens_decoded"] and ladder["tokens_decoded"] > 0
+    again = sample(engine, prompt, SamplingSettings(method="ppt", alpha=ALPHA, max_tokens=MAX_TOKENS,
+                                                    block_size=MAX_TOKENS, mcmc_steps=STEPS, seed=6, ladder_warmup=5,
+                                                    swap_every=2), 4, chains_per_batch=1, max_round_width=3)
+    assert [(s.tokens, s.stats.ladder, s.stats.swap_acceptance) for s in samples] == [
+        (s.tokens, s.stats.ladder, s.stats.swap_acceptance) for s in again]
+
+
+def test_a_placed_ladder_swaps_more_on_long_sequences():
+    """32 tokens without EOS: log p spans tens of nats between alpha 1 and 4, and the geometric
+    ladder hardly swaps; the ladder the pilot places does, at every pair."""
+    engine = ToyEngine(["</s>"] + [f"w{k}" for k in range(8)], eos=0, scale=2.0, seed=3, eos_bias=-30)
+    rates = {}
+    for warmup in (0, 8):
+        settings = SamplingSettings(method="ppt", alpha=ALPHA, max_tokens=32, block_size=32, mcmc_steps=8, seed=0,
+                                    ladder_warmup=warmup)
+        samples = sample(engine, [1, 2], settings, 12, chains_per_batch=12)
+        rates[warmup] = np.mean([s.stats.swap_acceptance for s in samples], axis=0)
+        if warmup:
+            assert np.mean([s.stats.ladder[0] for s in samples]) > 1.3  # the rungs move toward alpha
+    assert rates[8].min() > rates[0].min() + 0.15 and rates[8].mean() > rates[0].mean() + 0.15, rates
 
 
 @pytest.mark.parametrize("ladder, message", [
@@ -170,8 +285,11 @@ def test_ppt_and_smc_through_the_python_api(tiny_gguf):
     with ps_local.load(str(tiny_gguf), threads=2) as model:
         (tempered,) = model.generate("yes no", method="ppt", ladder=[1, 2, 4], max_tokens=6, block_size=3,
                                      mcmc_steps=2, seed=1)
+        (placed,) = model.generate("yes no", method="ppt", max_tokens=6, block_size=3, mcmc_steps=2, seed=1,
+                                   ladder_warmup=3)  # the pilot's cells cut back to the prompt in llama.cpp
         (particle,) = model.generate("yes no", method="smc", particles=6, smc_ramp=3, max_tokens=6, seed=1)
         with pytest.raises(ps_local.UserError, match="must end at --alpha"):
             model.generate("yes no", method="ppt", ladder=[1, 2], max_tokens=6)
     assert tempered.stats.ladder == [1, 2, 4] and len(tempered.stats.swap_acceptance) == 2
+    assert len(placed.stats.ladder) == 4 and placed.stats.ladder[-1] == 4 and len(placed.stats.swap_acceptance) == 3
     assert particle.stats.particles == 6

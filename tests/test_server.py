@@ -28,7 +28,7 @@ from ps_local.cli import cli, run_cli
 from ps_local.scheduler import JobCancelled
 from ps_local.server.api_errors import NO_CHAT_TEMPLATE, api_wording
 from ps_local.server.app import create_app
-from ps_local.server.limits import RequestLimits, check_limits, sample_work_tokens
+from ps_local.server.limits import RequestLimits, check_limits, most_particles, sample_work_tokens
 from ps_local.server.run import load_for_serving
 from ps_local.session import Session
 from ps_local.settings import SamplingSettings
@@ -136,6 +136,44 @@ def test_the_other_samplers_of_p_alpha_as_extra_body(client, method, extra):
         assert stats["particles"] == 4 and stats["ess_min"] >= 1
     else:
         assert stats["ladder"] == [1, 2] and len(stats["swap_acceptance"]) == 1
+
+
+def test_a_request_without_method_samples_with_smc(client, server):
+    """The default method is Power-SMC with the CLI's default particles (128: the tiny model's
+    cells are far within the 2 GiB budget), which the server's cache was sized to hold."""
+    response = client.completions.create(model=MODEL_ID, prompt="yes no", max_tokens=8, seed=7)
+    (stats,) = response.model_extra["ps_local"]["samples"]
+    assert stats["method"] == "smc" and stats["particles"] == 128 and stats["mh_steps"] == 0
+    assert 1 <= stats["ess_min"] <= 128 and stats["resamples"] >= 0 and stats["seed"] == 7
+    explicit = client.completions.create(model=MODEL_ID, prompt="yes no", max_tokens=8, seed=7,
+                                         extra_body={"method": "smc"})
+    assert explicit.choices[0].text == response.choices[0].text  # the same sampler, the same seed
+    chat = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "yes"}], max_tokens=4,
+                                          seed=1)
+    assert chat.model_extra["ps_local"]["samples"][0]["method"] == "smc"
+    # With rejuvenate each particle takes two sequences: the default particles are fitted to
+    # the 128 sequences the cache holds besides the prompt's, not refused.
+    code, reply = post(server[0], "/v1/completions", {"prompt": "yes", "max_tokens": 8, "seed": 1, "rejuvenate": 1})
+    assert code == 200, reply
+    (stats,) = reply["ps_local"]["samples"]
+    assert stats["method"] == "smc" and stats["particles"] == 64
+
+
+def test_the_stream_status_of_smc_and_of_power():
+    from ps_local.samplers.base import Progress
+    from ps_local.server.app import ProgressFeed, status
+
+    smc = Progress(chain=1, block=1, blocks=1, mh_step=12, mh_steps=96, accepted=0, proposals=0, tokens_decoded=80,
+                   elapsed_s=2.0004, method="smc", ess=40.21234, particles=128, resamples=3)
+    assert status(smc) == {"chain": 1, "method": "smc", "token": 12, "max_tokens": 96, "ess": 40.212,
+                           "particles": 128, "resamples": 3, "tokens_decoded": 80, "elapsed_s": 2.0}
+    power = Progress(chain=0, block=2, blocks=3, mh_step=5, mh_steps=10, accepted=3, proposals=5, tokens_decoded=412,
+                     elapsed_s=3.1)
+    assert status(power) == {"chain": 0, "block": 2, "blocks": 3, "mh_step": 5, "mh_steps": 10, "accepted": 3,
+                             "proposals": 5, "tokens_decoded": 412, "elapsed_s": 3.1}
+    feed = ProgressFeed(every_s=0.0)
+    feed.update(smc)
+    assert feed.due() == [status(smc)] and feed.due() == []  # sent once until it changes
 
 
 def test_n_samples_and_default_length(client):
@@ -367,8 +405,8 @@ def test_a_client_that_disconnects_cancels_its_chains(server):
     long before the chains could have finished (8 chains of at least 20,000 MH steps each: the
     first block's steps run even if it ends the sequence)."""
     base = server[0]
-    body = json.dumps({"prompt": "yes", "max_tokens": 200, "stream": True, "block_size": 1, "mcmc_steps": 20000,
-                       "n": 8, "seed": 1}).encode()
+    body = json.dumps({"prompt": "yes", "max_tokens": 200, "stream": True, "method": "power", "block_size": 1,
+                       "mcmc_steps": 20000, "n": 8, "seed": 1}).encode()
     request = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
     response = urllib.request.urlopen(request, timeout=30)
     time.sleep(0.5)
@@ -399,7 +437,7 @@ def test_api_key_queue_limit_bounded_load_and_clean_shutdown(chat_gguf):
             for k in range(3):
                 start = time.perf_counter()
                 code, _ = post(base, "/v1/completions", {"prompt": "yes no", "max_tokens": 24, "seed": number * 3 + k,
-                                                         "block_size": 8, "mcmc_steps": 4}, keyed)
+                                                         **POWER, "block_size": 8, "mcmc_steps": 4}, keyed)
                 with lock:
                     statuses.append(code)
                     latencies.append(time.perf_counter() - start)
@@ -454,6 +492,13 @@ def wait_until(condition, timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_the_cache_is_sized_for_a_default_request(chat_model):
+    """Besides 8 MH chains of a whole context (25 sequences, 4,104 cells here), the cache holds
+    one smc request of the default 128 particles over the whole 256-token context."""
+    scheduler = chat_model.session.scheduler
+    assert scheduler.slots == 1 + 128 and scheduler.cells == 128 * 256 + 8
 
 
 def test_a_dropped_request_never_holds_up_the_other_clients(chat_model, monkeypatch):
@@ -607,7 +652,14 @@ def test_default_limits_take_the_paper_settings_over_a_whole_context():
         assert check_limits(paper, n, limits, ctx=4096) is None
         assert check_limits(replace(paper, max_tokens=4096), n, limits, ctx=4096) is None
     assert check_limits(replace(paper, method="ppt"), 2, limits, ctx=4096) is None
-    assert check_limits(replace(paper, method="smc"), 8, limits, ctx=4096) is None
+    # smc, the default method: a request without particles gets at most what max_particle_tokens
+    # allows (64 over 4096 tokens; 32 with rejuvenate, two sequences each), not DEFAULT_PARTICLES' 128.
+    smc = replace(paper, method="smc")
+    assert most_particles(smc, 4096, limits) == 64
+    assert most_particles(replace(smc, smc_rejuvenate=1), 4096, limits) == 32
+    assert most_particles(smc, 16, limits) == 16384 and most_particles(smc, 10**9, limits) == 1
+    assert check_limits(replace(smc, particles=most_particles(smc, 4096, limits)), 8, limits, ctx=4096) is None
+    assert check_limits(smc, 1, limits, ctx=4096).param == "particles"  # 128 x 4096: hence the fit
     assert check_limits(replace(paper, method="standard"), 64, limits, ctx=4096) is None
     assert check_limits(paper, 9, limits, ctx=4096).param is None  # more work than 4,000,000 tokens
     assert "83,910,656 tokens" in check_limits(replace(paper, block_size=1, max_tokens=4096), 1, limits, 4096).message
@@ -623,9 +675,12 @@ def test_default_limits_take_the_paper_settings_over_a_whole_context():
 def test_requests_beyond_the_limits_are_refused_up_front(chat_model):
     limits = RequestLimits(max_n=4, max_mcmc_steps=50, max_particle_tokens=1000, max_work_tokens=100_000)
     cases = [({"n": 5}, "n", "n must be at most 4 on this server, got 5"),
-             ({"mcmc_steps": 51}, "mcmc_steps", "mcmc_steps must be at most 50 on this server"),
+             ({"method": "power", "mcmc_steps": 51}, "mcmc_steps", "mcmc_steps must be at most 50 on this server"),
              ({"method": "smc", "particles": 8, "max_tokens": 200}, "particles", "(8 x 200) must be at most 1,000"),
-             ({"block_size": 1, "mcmc_steps": 50, "max_tokens": 100}, None, "more than this server's limit of 100,000")]
+             ({"particles": 4, "rejuvenate": 1, "max_tokens": 200}, "particles",
+              "(8 x 200; twice the particles with rejuvenate) must be at most 1,000"),
+             ({"method": "power", "block_size": 1, "mcmc_steps": 50, "max_tokens": 100}, None,
+              "more than this server's limit of 100,000")]
     with serving(create_app(chat_model, MODEL_ID, limits=limits)) as base:
         for extra, param, fragment in cases:
             code, reply = post(base, "/v1/completions", {"prompt": "yes", **extra})
@@ -633,9 +688,14 @@ def test_requests_beyond_the_limits_are_refused_up_front(chat_model):
             assert reply["error"]["code"] == "request_too_large"
         # A chat request without max_tokens may run to the end of the context (256 tokens here).
         code, reply = post(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "yes"}],
-                                                          "block_size": 8, "mcmc_steps": 50})
+                                                          "method": "power", "block_size": 8, "mcmc_steps": 50})
         assert code == 400 and "up to 256 tokens" in reply["error"]["message"]
         assert get(base, "/health")[1]["jobs"] == 0  # nothing was queued
+        # A request that names no particles is not refused for them: it gets what the limit allows.
+        code, reply = post(base, "/v1/completions", {"prompt": "yes", "max_tokens": 200, "seed": 1})
+        assert code == 200, reply
+        (stats,) = reply["ps_local"]["samples"]
+        assert stats["method"] == "smc" and stats["particles"] == 1000 // 200
 
 
 def test_limit_options_are_checked(capsys):

@@ -160,3 +160,66 @@ def test_the_alpha_ramp_up_to_the_largest_alpha_stays_finite():
     result = run(method="smc", alpha=MAX_ALPHA, smc_ramp=4, particles=8)[0]
     assert math.isfinite(result.stats.log_normalizer) and math.isfinite(result.stats.ess_min)
     assert all(math.isfinite(logp) for logp in result.logprobs)
+
+
+# -- the default method and SMC's default particles -------------------------------------------
+
+
+def test_the_default_method_is_smc_and_the_dataclass_keeps_power():
+    import inspect
+
+    from ps_local import api, cli
+    from ps_local.settings import DEFAULT_METHOD
+
+    assert DEFAULT_METHOD == "smc"
+    assert SamplingSettings().method == "power" and SamplingSettings().particles is None
+    for function in (api.Model.generate, api.Model.submit, api.Model.settings):
+        assert inspect.signature(function).parameters["method"].default == "smc"
+    generate = {p.name: p for p in cli.cli.commands["generate"].params}
+    assert generate["method"].default == "smc" and generate["particles"].default is None
+
+
+def test_default_particles_budget_arithmetic():
+    from ps_local.settings import (DEFAULT_PARTICLES, MIN_DEFAULT_PARTICLES, SMC_KV_BUDGET, default_particles)
+
+    smc = SamplingSettings(method="smc")
+    assert (DEFAULT_PARTICLES, MIN_DEFAULT_PARTICLES, SMC_KV_BUDGET) == (128, 16, 2 << 30)
+    assert smc.particle_count == 128  # unfitted: what no session has fitted yet
+    cell = 18 * 1024  # Gemma 3 270M at f16
+    assert default_particles(smc, 96, cell).particles == 128  # 128 x 96 cells: 216 MiB
+    assert default_particles(smc, 3072, cell).particles == SMC_KV_BUDGET // (3072 * cell) == 37
+    assert default_particles(smc, 4096, cell).particles == 28
+    # Exactly at the budget: 128 particles of 4096 cells of 4 KiB are 2 GiB; one cell more is too many.
+    assert default_particles(smc, 4096, 4096).particles == 128
+    assert default_particles(smc, 4097, 4096).particles == 127
+    assert default_particles(smc, 4096, 1 << 20).particles == 16  # 0 would fit: never under 16
+    assert default_particles(smc, 0, cell).particles == 128  # an empty budget of tokens counts as 1
+    assert default_particles(smc, 3072, None).particles == 128  # cell size unknown: the default
+    fitted = default_particles(smc, 3072, cell)
+    assert fitted == SamplingSettings(method="smc", particles=37)  # nothing else changes
+    fitted.validate()
+
+
+def test_default_particles_with_rejuvenation_count_two_sequences_each():
+    from ps_local.settings import MAX_REJUVENATED_PARTICLES, default_particles
+
+    smc = SamplingSettings(method="smc", smc_rejuvenate=2)
+    assert smc.particle_count == MAX_REJUVENATED_PARTICLES == 127  # 255 sequences at most, one is the prompt's
+    cell = 18 * 1024
+    assert default_particles(smc, 96, cell).particles == 127
+    assert default_particles(smc, 3072, cell).particles == (2 << 30) // (2 * 3072 * cell) == 18
+    assert default_particles(smc, 4096, 4096).particles == 64  # half of what fits without
+    assert default_particles(smc, 4096, 1 << 20).particles == 16
+    default_particles(smc, 3072, cell).validate()
+
+
+def test_default_particles_keep_explicit_particles_and_other_methods():
+    from ps_local.settings import default_particles
+
+    for particles in (1, 20, 200, 255):
+        asked = SamplingSettings(method="smc", particles=particles)
+        assert default_particles(asked, 4096, 1 << 20) is asked  # far past the budget: as given
+        assert default_particles(asked, 8, 1).particles == particles  # far within it: as given
+    for method in ("power", "ppt", "low-temp", "standard", "greedy"):
+        other = SamplingSettings(method=method)
+        assert default_particles(other, 3072, 18 * 1024) is other and other.particles is None

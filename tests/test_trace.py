@@ -86,9 +86,10 @@ PPT = SamplingSettings(method="ppt", alpha=4.0, max_tokens=12, block_size=4, mcm
     SMC,
     replace(SMC, proposal_temp=0.5, smc_ramp=3),
     PPT,
+    replace(PPT, ladder_warmup=3, swap_every=2),
     replace(POWER, method="low-temp"),
     replace(POWER, method="standard"),
-], ids=["power", "power-tau1-tables1", "max-swap", "smc", "smc-ramp-tau", "ppt", "low-temp", "standard"])
+], ids=["power", "power-tau1-tables1", "max-swap", "smc", "smc-ramp-tau", "ppt", "ppt-warmup", "low-temp", "standard"])
 @pytest.mark.parametrize("width", [1, 3])
 def test_a_trace_changes_no_sample(settings, width):
     """Bit for bit on the toy: the same samples, statistics and decodes with and without a trace."""
@@ -289,46 +290,59 @@ def test_smc_events(monkeypatch):
 
 
 def test_ppt_events():
-    """Swaps against the replicas' states: the sweep's order, the log p of the two sequences at
-    each swap, log A from the ladder, the acceptance the statistics report."""
-    samples, events = run(PPT, n=3)
-    ladder = PPT.power_ladder
+    """Swaps against the replicas' states: a sweep after every ``swap_every`` MH steps and after
+    the block's last, the sweep's order, the log p of the two sequences at each swap, log A from
+    the ladder, the acceptance the statistics report."""
+    for settings in (PPT, replace(PPT, swap_every=3)):
+        check_ppt_events(settings)
+
+
+def check_ppt_events(settings: SamplingSettings):
+    samples, events = run(settings, n=3)
+    ladder = settings.power_ladder
     rungs = len(ladder)
+    sweeps = -(-settings.mcmc_steps // settings.swap_every)
     for index, found in enumerate(samples):
         mine = [e for e in events if e.get("chain") == index]
         swaps = [e for e in mine if e["event"] == "swap"]
         blocks = sorted({e["block"] for e in swaps})
-        assert len(swaps) == len(blocks) * (rungs - 1)
+        assert len(swaps) == len(blocks) * sweeps * (rungs - 1)
         proposed, accepted = np.zeros(rungs - 1), np.zeros(rungs - 1)
         for block in blocks:
-            # Each replica's state after the block's MH steps: its last step's, or the extension's.
-            states = []
+            # Each rung's state: the extension's, then its steps' and the sweeps' in their order.
+            states, steps = [], []
             for replica in range(rungs):
                 start = [e for e in mine if e["event"] == "block" and e["block"] == block and e["replica"] == replica]
-                steps = [e for e in mine if e["event"] == "mh" and e["block"] == block and e["replica"] == replica]
-                assert len(start) == 1 and len(steps) == PPT.mcmc_steps
+                mine_steps = [e for e in mine if e["event"] == "mh" and e["block"] == block and e["replica"] == replica]
+                assert len(start) == 1 and len(mine_steps) == settings.mcmc_steps
                 assert start[0]["alpha"] == pytest.approx(ladder[replica])
-                assert all(e["alpha"] == pytest.approx(ladder[replica]) for e in steps)
-                logp = start[0]["logp"]
-                for step in steps:
-                    if step["accepted"]:
-                        logp = step["logp_proposal"]
-                states.append(logp)
-            sweep = [e for e in swaps if e["block"] == block]
-            assert [e["rungs"] for e in sweep] == [[k, k + 1] for k in range(rungs - 1)]
-            for event in sweep:
-                assert set(event) == {"event", "job", "chain", "block", "rungs", "alphas", "logp", "log_accept",
-                                      "accepted"}
-                k = event["rungs"][0]
-                assert event["alphas"] == pytest.approx([ladder[k], ladder[k + 1]])
-                assert event["logp"] == [states[k], states[k + 1]]
-                assert event["log_accept"] == pytest.approx((ladder[k + 1] - ladder[k]) * (states[k] - states[k + 1]))
-                proposed[k] += 1
-                if event["accepted"]:
-                    accepted[k] += 1
-                    states[k], states[k + 1] = states[k + 1], states[k]
-                elif event["log_accept"] >= 0:
-                    pytest.fail("a swap with log A >= 0 must be accepted")
+                assert all(e["alpha"] == pytest.approx(ladder[replica]) for e in mine_steps)
+                states.append(start[0]["logp"])
+                steps.append(mine_steps)
+            done = 0
+            for sweep in range(1, sweeps + 1):
+                in_sweep = [e for e in swaps if e["block"] == block and e["sweep"] == sweep]
+                assert [e["rungs"] for e in in_sweep] == [[k, k + 1] for k in range(rungs - 1)]
+                upto = min(sweep * settings.swap_every, settings.mcmc_steps)
+                for replica in range(rungs):
+                    for step in steps[replica][done:upto]:
+                        if step["accepted"]:
+                            states[replica] = step["logp_proposal"]
+                done = upto
+                for event in in_sweep:
+                    assert set(event) == {"event", "job", "chain", "block", "sweep", "step", "rungs", "alphas", "logp",
+                                          "log_accept", "accepted"}
+                    assert event["step"] == upto
+                    k = event["rungs"][0]
+                    assert event["alphas"] == pytest.approx([ladder[k], ladder[k + 1]])
+                    assert event["logp"] == [states[k], states[k + 1]]
+                    assert event["log_accept"] == pytest.approx((ladder[k + 1] - ladder[k]) * (states[k] - states[k + 1]))
+                    proposed[k] += 1
+                    if event["accepted"]:
+                        accepted[k] += 1
+                        states[k], states[k + 1] = states[k + 1], states[k]
+                    elif event["log_accept"] >= 0:
+                        pytest.fail("a swap with log A >= 0 must be accepted")
         assert found.stats.swap_acceptance == pytest.approx((accepted / np.maximum(proposed, 1)).tolist())
         # The alpha replica holds the sample: its last state is the sample's log p.
         assert states[-1] == pytest.approx(sum(found.logprobs), abs=1e-9)
@@ -484,8 +498,8 @@ def ps_local_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_generate_trace_and_the_trace_command(tiny_gguf, tmp_path):
     trace = tmp_path / "run.jsonl"
-    generated = ps_local_cli("generate", str(tiny_gguf), "hello world", "-n", "4", "--max-tokens", "8",
-                             "--block-size", "4", "--mcmc-steps", "5", "--seed", "1", "--threads", "2", "--json",
+    generated = ps_local_cli("generate", str(tiny_gguf), "hello world", "--method", "power", "-n", "4",
+                             "--max-tokens", "8", "--block-size", "4", "--mcmc-steps", "5", "--seed", "1", "--threads", "2", "--json",
                              "--trace", str(trace))
     assert generated.returncode == 0, generated.stderr
     samples = [json.loads(line) for line in generated.stdout.splitlines()]
@@ -534,16 +548,18 @@ def test_eval_trace_names_each_problem(tiny_gguf, tmp_path):
 def test_api_trace_sinks(tiny_gguf, tmp_path):
     with ps_local.load(tiny_gguf, threads=2) as model:
         path = tmp_path / "api.jsonl"
-        (first,) = model.generate("hello", max_tokens=6, block_size=3, mcmc_steps=2, seed=4, trace=path)
+        (first,) = model.generate("hello", method="power", max_tokens=6, block_size=3, mcmc_steps=2, seed=4, trace=path)
         lines = [json.loads(line) for line in path.read_text().splitlines()]  # closed: every line is there
         assert lines[0]["event"] == "header" and lines[-1]["event"] == "sample"
         assert lines[-1]["token_ids"] == first.tokens
         events: list[dict] = []
-        (again,) = model.generate("hello", max_tokens=6, block_size=3, mcmc_steps=2, seed=4, trace=events.append)
+        (again,) = model.generate("hello", method="power", max_tokens=6, block_size=3, mcmc_steps=2, seed=4,
+                                  trace=events.append)
         assert events[0]["event"] == "header" and events[-1]["event"] == "sample"
         assert events[-1]["token_ids"] == again.tokens and sum(e["event"] == "mh" for e in events) == 4
         stream = io.StringIO()
-        model.generate_many(["hello", "world"], max_tokens=4, block_size=4, mcmc_steps=1, seed=1, trace=stream)
+        model.generate_many(["hello", "world"], method="power", max_tokens=4, block_size=4, mcmc_steps=1, seed=1,
+                            trace=stream)
         headers = [json.loads(line) for line in stream.getvalue().splitlines() if '"header"' in line[:20]]
         assert [(h["job"], h["prompt_index"]) for h in headers] == [(0, 0), (1, 1)]
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..errors import UserError
-from ..settings import METHODS, check_request
+from ..settings import DEFAULT_METHOD, METHODS, check_request
 from .formats import TemplateFormat, TranscriptFormat
 from .session import ChatSession
 from .terminal import Output, banner, run_interactive, run_pipe
@@ -21,7 +21,7 @@ def chat_command() -> click.Command:
 
     @click.command("chat")
     @click.argument("model")
-    @click.option("--method", type=click.Choice(METHODS), default="power", show_default=True,
+    @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
                   help="power: MH on p^alpha; smc: Power-SMC; ppt: parallel power tempering; "
                        "baselines: low-temp (T=1/alpha), standard (T=1), greedy.")
     @sampling_options

@@ -22,10 +22,12 @@ if TYPE_CHECKING:
 
 
 SETTABLE = ("method", "alpha", "block-size", "mcmc-steps", "max-tokens", "proposal-temp", "seed", "stop",
-            "particles", "ess-threshold", "resample-every", "alpha-ramp", "ladder")
+            "particles", "ess-threshold", "resample-every", "alpha-ramp", "rejuvenate", "ladder", "swap-every",
+            "ladder-warmup", "steps-per-token")
 # What None means for the settings whose default depends on others.
 DEFAULT_SHOWN = {"max-tokens": f"{DEFAULT_MAX_TOKENS}, or what fits", "proposal-temp": "1/alpha",
-                 "seed": "random", "ladder": "4 rungs, geometric from 1 to alpha"}
+                 "seed": "random", "ladder": "4 rungs, geometric from 1 to alpha",
+                 "particles": "128, fewer where their KV cache would pass 2 GiB"}
 COMMANDS = ("/help", "/settings", "/set", "/clear", "/system", "/exit", "/quit")
 HELP = """\
 Commands (anything else is a message; start a message with // to send one beginning with /):

@@ -80,9 +80,15 @@ def run_config(model: Path, task_name: str, grader: str, problems: list[Any], pr
             "length_term": settings.length_term,
             "smc_weights": settings.smc_weights,
             "swap_correction": settings.swap_correction,
+            # Levers added later: recorded only when set, so that earlier runs keep their fingerprints.
+            **{name: getattr(settings, name) for name, unset in LATER_LEVERS.items() if getattr(settings, name) != unset},
         },
         "seed": settings.seed if settings.seed is not None else 0,
     }
+
+
+# Settings added after runs were first fingerprinted, with the value that means "not used".
+LATER_LEVERS = {"smc_rejuvenate": 0, "steps_per_token": 0.0, "swap_every": 1, "ladder_warmup": 0}
 
 
 def fingerprint(config: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ Each sampler run is a generator that yields decode requests and receives logits 
     streams.py   one random stream per (run, step): samples that do not depend on the batch
     stops.py     stop strings, absorbing ends like EOS
     mh.py        block-wise Metropolis-Hastings (Algorithm 1) and the plain-decoding baselines
-    smc.py       Power-SMC: particles, weights, systematic resampling
+    smc.py       Power-SMC: particles, weights, systematic resampling, MH rejuvenation (resample-move)
     ppt.py       parallel power tempering: MH replicas on a ladder of alphas, with swaps
 """
 
@@ -29,9 +29,9 @@ def run_class(settings: SamplingSettings) -> type:
 
 def slots_per_chain(settings: SamplingSettings, max_round_width: int) -> int:
     """Engine slots one run uses: a chain's sequence plus one per proposal in a round (for each
-    PPT replica); one per SMC particle."""
+    PPT replica); one per SMC particle, two with rejuvenation (a spare for its MH moves)."""
     if settings.method == "smc":
-        return settings.particles
+        return settings.particle_count * (2 if settings.smc_rejuvenate > 0 else 1)
     if settings.method == "ppt":
         return len(settings.power_ladder) * (1 + max_round_width)
     return 1 + max_round_width if settings.steps_per_block else 1

@@ -22,7 +22,7 @@ ChainRun = Generator[list[DecodeRequest], Sequence[np.ndarray], Any]
 
 @dataclass
 class Progress:
-    """A chain's state after an MH round (power; the alpha replica of ppt). ``tokens``: the
+    """A chain's state after an MH round (power; the alpha replica of ppt; smc: after a token). ``tokens``: the
     chain's current sequence (a tuple, the generated tokens only) and ``logp`` its base-model
     log p, for a live view of its text; a later MH step may still change any of it."""
 
@@ -37,6 +37,12 @@ class Progress:
     elapsed_s: float
     tokens: tuple[int, ...] = ()
     logp: float | None = None
+    # Power-SMC reports after each token instead: mh_step is the token, mh_steps the most tokens,
+    # tokens the heaviest particle's; with its ESS, particles and resamplings so far.
+    method: str = "power"
+    ess: float | None = None
+    particles: int | None = None
+    resamples: int | None = None
 
 
 ProgressCallback = Callable[[Progress], None]

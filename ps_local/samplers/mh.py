@@ -120,10 +120,13 @@ class Chain:
     plus the trajectory's first ``cached`` tokens. Every decode request checks it.
     """
 
-    def __init__(self, spec: RunSpec, rungs: Sequence[Rung] = (), rung: int = 0):
+    def __init__(self, spec: RunSpec, rungs: Sequence[Rung] = (), rung: int = 0,
+                 token_sampler: TokenSampler | None = None):
         """``rungs``, ``rung``: the (alpha, temperature) of every replica of a tempering ladder
         this chain is replica ``rung`` of (samplers.ppt); its sequences then carry every rung's
-        weights."""
+        weights. ``token_sampler``: one to share (its buffers are vocabulary-sized) instead of a
+        new one; it must have this chain's temperature, alpha and table size (samplers.smc's
+        rejuvenation moves: one per particle)."""
         settings, engine = spec.settings, spec.engine
         self.engine = engine
         # Only a plain decode's tokens are final as they are drawn: a later MH step may change
@@ -140,8 +143,8 @@ class Chain:
         self.index = spec.index
         self.progress = spec.progress
         self.temperature = settings.temperature
-        self.token_sampler = TokenSampler(engine.n_vocab, self.temperature, settings.alpha, settings.table_size,
-                                          rungs, rung)
+        self.token_sampler = token_sampler or TokenSampler(engine.n_vocab, self.temperature, settings.alpha,
+                                                           settings.table_size, rungs, rung)
         self.ends = block_ends(settings.token_budget, settings.effective_block_size)
         # A proposal at m draws x'_m, x'_m+1, ... from the same distributions as the current
         # sequence did until it first differs from it: kept as tables, those cost no decoding.
@@ -164,6 +167,8 @@ class Chain:
         self._rounds_without_decode = 0
         self._block = 0  # the block being run, and the chain's MH steps before its first
         self._block_first_step = 0
+        self._steps_this_block = settings.steps_per_block
+        self._steps_done = 0  # MH steps taken in the block so far
         # Events (ps_local.trace), only when a trace is written: a replica of a ladder names its rung.
         self.trace = spec.trace
         if self.trace is not None:
@@ -186,6 +191,13 @@ class Chain:
         """Block ``block`` of Algorithm 1 from ``current``: extend it to the block's end (or an
         end of sequence), then the block's MH steps; returns the chain's new sequence.
         ``next_logits``: the logits that predict ``current``'s next token, when known."""
+        yield from self.extend_block(current, block, next_logits)
+        return (yield from self.take_steps(current, self._steps_this_block))
+
+    def extend_block(self, current: Trajectory, block: int, next_logits: np.ndarray | None) -> ChainRun:
+        """The first half of ``run_block``: extend ``current`` (in place) and fix the block's
+        number of MH steps (``_steps_this_block``; a tempering ladder may set it for all its
+        replicas before their first step)."""
         limit = self.ends[block - 1]
         self.rng = self.streams.start(EXTEND_STREAM, block)
         before = len(current.tokens)
@@ -196,12 +208,21 @@ class Chain:
                              "end": limit, "tokens_before": before, "tokens": len(current.tokens),
                              "logp": current.cum_logp[-1], "ended": current.end,
                              "tokens_decoded": self.stats.tokens_decoded})
-        steps = 0
-        while steps < self.settings.steps_per_block:
+        # The count is fixed before the block's first step, from the extended sequence's length.
+        self._steps_this_block = self.settings.block_steps(len(current.tokens))
+        self._steps_done = 0
+
+    def take_steps(self, current: Trajectory, count: int) -> ChainRun:
+        """The second half of ``run_block``: up to ``count`` more of the block's MH steps from
+        ``current`` (a tempering ladder swaps sequences between its replicas' calls); returns
+        the chain's new sequence."""
+        limit = self.ends[self._block - 1]
+        stop = min(self._steps_this_block, self._steps_done + count)
+        while self._steps_done < stop:
             decoded = self.stats.tokens_decoded
-            current, used = yield from self._mh_round(current, limit, self.settings.steps_per_block - steps)
-            steps += used
-            self._report(block, len(self.ends), steps, current)
+            current, used = yield from self._mh_round(current, limit, stop - self._steps_done)
+            self._steps_done += used
+            self._report(self._block, len(self.ends), self._steps_done, current)
             if self.stats.tokens_decoded == decoded:
                 # Proposals drawn from stored tables need no decode, so a chain could run
                 # thousands of steps without returning to its driver: pause now and then,
@@ -460,7 +481,7 @@ class Chain:
                     block=block,
                     blocks=blocks,
                     mh_step=step,
-                    mh_steps=self.settings.steps_per_block,
+                    mh_steps=self._steps_this_block,
                     accepted=self.stats.accepted,
                     proposals=self.stats.mh_steps,
                     tokens_decoded=self.stats.tokens_decoded,

@@ -132,6 +132,13 @@ class TokenSampler:
         block_sums = _block_sums(padded)
         return Prepared(shifted, padded, block_sums, log_norm, math.log(float(block_sums.sum())))
 
+    def table_of(self, prepared: Prepared) -> TokenTable:
+        """The table of a prepared proposal: the one ``draw_with_table`` keeps for the same row
+        (no ladder). Particles that share the row may share it."""
+        assert not self.rungs, "a ladder's tables keep every rung's normalizer: use draw_with_table"
+        return self._table(prepared.shifted, float(prepared.block_sums.sum()), prepared.log_norm, None,
+                           prepared.weights[: self.n_vocab])
+
     def draw_prepared(self, prepared: Prepared, u: float) -> TokenDraw:
         """The token at uniform ``u`` of a prepared proposal (no tables, no ladder)."""
         token = self._inverse_cdf(prepared.weights, prepared.block_sums, u)
@@ -207,8 +214,10 @@ class TokenSampler:
         log_q = shifted_token / self.temperature - log_total
         return TokenDraw(token, logp, self.alpha * logp - log_q)
 
-    def _table(self, shifted: np.ndarray, total: float, log_norm: float, log_totals: np.ndarray | None) -> TokenTable:
-        weights = self._weights[: self.n_vocab]
+    def _table(self, shifted: np.ndarray, total: float, log_norm: float, log_totals: np.ndarray | None,
+               weights: np.ndarray | None = None) -> TokenTable:
+        if weights is None:
+            weights = self._weights[: self.n_vocab]
         ids = np.flatnonzero(weights > total * TABLE_FLOOR)
         if len(ids) > self.table_size:
             ids = ids[np.argpartition(weights[ids], -self.table_size)[-self.table_size :]]

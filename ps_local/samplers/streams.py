@@ -47,3 +47,11 @@ class Streams:
 def stream(chain_seed: int, kind: int, index: int) -> np.random.Generator:
     """A fresh generator at the start of stream (kind, index): the definition ``Streams`` follows."""
     return np.random.Generator(np.random.Philox(key=(chain_seed << 2) | kind, counter=index << 64))
+
+
+def member_seed(chain_seed: int, step: int, member: int) -> int:
+    """The chain seed of one member's own streams at one step of a run (an SMC particle's
+    rejuvenation moves after token ``step``): distinct for every (chain seed, step < 2^40,
+    member < 2^8), so no two members, steps or runs share a stream."""
+    assert 0 <= step < 1 << 40 and 0 <= member < 1 << 8
+    return (((chain_seed << 40) | step) << 8) | member

@@ -20,6 +20,7 @@ import json
 import queue
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import FastAPI, Request
@@ -37,7 +38,7 @@ from ..samplers.base import Progress
 from ..scheduler import Job, JobCancelled
 from ..settings import Sample
 from .api_errors import NO_CHAT_TEMPLATE, ApiError, api_wording, field_of, validation_error
-from .limits import RequestLimits, check_limits
+from .limits import RequestLimits, check_limits, most_particles
 from .middleware import ApiKeyMiddleware, JsonBodyMiddleware
 from .replies import Reply, TextStream, finish_reason
 from .requests import ChatCompletionRequest, CompletionRequest, Sampling, SamplingFields
@@ -155,6 +156,11 @@ def create_app(model: Model, model_id: str, *, api_key: str | None = None, max_q
         if worker.failure is not None:
             raise failed()
         sampling = body.sampling(chat)
+        # SMC's default particle count is fitted to the model's memory and the longest answer,
+        # within the server's cache and its limit on particles x max_tokens.
+        tokens = min(sampling.settings.max_tokens or ctx, ctx)
+        most = most_particles(sampling.settings, tokens, limits)
+        sampling = replace(sampling, settings=model.session.fit_particles(sampling.settings, tokens, most))
         refusal = check_limits(sampling.settings, sampling.n, limits, ctx)
         if refusal is not None:
             raise ApiError(400, refusal.message, refusal.param, code="request_too_large")
@@ -285,6 +291,15 @@ class ProgressFeed:
         self._last = now
         changed = [p for chain, p in sorted(self._latest.items()) if self._sent.get(chain) is not p]
         self._sent.update((p.chain, p) for p in changed)
-        return [{"chain": p.chain, "block": p.block, "blocks": p.blocks, "mh_step": p.mh_step,
-                 "mh_steps": p.mh_steps, "accepted": p.accepted, "proposals": p.proposals,
-                 "tokens_decoded": p.tokens_decoded, "elapsed_s": round(p.elapsed_s, 3)} for p in changed]
+        return [status(p) for p in changed]
+
+
+def status(p: Progress) -> dict[str, Any]:
+    """One chain's progress as a stream's comment carries it (smc: per token, with its ESS)."""
+    if p.method == "smc":
+        return {"chain": p.chain, "method": "smc", "token": p.mh_step, "max_tokens": p.mh_steps,
+                "ess": round(p.ess or 0.0, 3), "particles": p.particles, "resamples": p.resamples,
+                "tokens_decoded": p.tokens_decoded, "elapsed_s": round(p.elapsed_s, 3)}
+    return {"chain": p.chain, "block": p.block, "blocks": p.blocks, "mh_step": p.mh_step,
+            "mh_steps": p.mh_steps, "accepted": p.accepted, "proposals": p.proposals,
+            "tokens_decoded": p.tokens_decoded, "elapsed_s": round(p.elapsed_s, 3)}

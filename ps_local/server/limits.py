@@ -42,12 +42,24 @@ def sample_work_tokens(settings: SamplingSettings, max_tokens: int) -> int:
     if settings.steps_per_block:
         block = settings.block_size
         blocks = math.ceil(max_tokens / block)
-        regenerated = sum(min(b * block, max_tokens) for b in range(1, blocks + 1))
+        ends = [min(b * block, max_tokens) for b in range(1, blocks + 1)]
+        regenerated = sum(settings.block_steps(end) * end for end in ends)
         replicas = len(settings.power_ladder) if settings.method == "ppt" else 1
-        return replicas * (settings.mcmc_steps * regenerated + max_tokens)
+        pilot = settings.ladder_warmup * ends[0] if settings.method == "ppt" else 0  # the discarded pilot
+        return replicas * (regenerated + pilot + max_tokens)
     if settings.method == "smc":
-        return settings.particles * max_tokens
+        # Rejuvenation: after any token t every particle may take K moves regenerating up to t tokens.
+        moves = settings.smc_rejuvenate * max_tokens * (max_tokens + 1) // 2
+        return settings.particle_count * (max_tokens + moves)
     return max_tokens
+
+
+def most_particles(settings: SamplingSettings, tokens: int, limits: RequestLimits) -> int:
+    """The most SMC particles a request of up to ``tokens`` tokens may have within
+    max_particle_tokens (each takes two sequences with rejuvenate): a request that names no
+    ``particles`` gets no more than this, rather than a refusal for a field it did not send."""
+    sequences = 2 if settings.smc_rejuvenate else 1
+    return max(1, limits.max_particle_tokens // (sequences * max(1, tokens)))
 
 
 def check_limits(settings: SamplingSettings, n: int, limits: RequestLimits, ctx: int) -> Refusal | None:
@@ -60,8 +72,15 @@ def check_limits(settings: SamplingSettings, n: int, limits: RequestLimits, ctx:
         return Refusal("mcmc_steps", f"mcmc_steps must be at most {limits.max_mcmc_steps} on this server, "
                                      f"got {settings.mcmc_steps}")
     tokens = min(settings.max_tokens or ctx, ctx)
-    if settings.method == "smc" and settings.particles * tokens > limits.max_particle_tokens:
-        return Refusal("particles", f"particles x max_tokens ({settings.particles} x {tokens}) must be at most "
+    steps = settings.block_steps(min(settings.block_size, tokens))
+    if settings.steps_per_block and settings.steps_per_token and steps > limits.max_mcmc_steps:
+        return Refusal("steps_per_token", f"steps_per_token x block length ({settings.steps_per_token:g} x "
+                                          f"{min(settings.block_size, tokens)}) must be at most "
+                                          f"{limits.max_mcmc_steps} MH steps per block on this server")
+    sequences = settings.particle_count * (2 if settings.smc_rejuvenate else 1)  # a spare each for its moves
+    if settings.method == "smc" and sequences * tokens > limits.max_particle_tokens:
+        doubled = "; twice the particles with rejuvenate" if settings.smc_rejuvenate else ""
+        return Refusal("particles", f"particles x max_tokens ({sequences} x {tokens}{doubled}) must be at most "
                                     f"{limits.max_particle_tokens:,} on this server")
     work = n * sample_work_tokens(settings, tokens)
     if work > limits.max_work_tokens:

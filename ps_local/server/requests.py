@@ -4,7 +4,8 @@ Standard fields: ``model``, ``prompt`` / ``messages``, ``max_tokens`` (``max_com
 ``stop``, ``seed``, ``n``, ``stream``, ``temperature`` (for the baselines). ps-local's own travel
 as extra body fields (the ``openai`` client's ``extra_body``): ``method``, ``alpha``,
 ``block_size``, ``mcmc_steps``, ``proposal_temp``, and per method ``particles``, ``ess_threshold``,
-``alpha_ramp`` (smc) and ``ladder`` (ppt). Fields a client sends by habit but ps-local
+``alpha_ramp``, ``rejuvenate`` (smc), ``ladder``, ``swap_every``, ``ladder_warmup`` (ppt) and
+``steps_per_token`` (power, ppt). Fields a client sends by habit but ps-local
 does not implement (``top_p``, penalties, ...) are accepted and ignored only at their neutral
 values; any other value, and any unknown field, is refused rather than silently not honoured.
 
@@ -24,11 +25,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, Stric
     field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..settings import METHODS, SamplingSettings
+from ..settings import DEFAULT_METHOD, METHODS, SamplingSettings
 from .api_errors import ApiError, api_wording, field_of
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and llama-cpp-python's default for /v1/completions
-DEFAULT_METHOD = "power"
 MAX_STOPS = 16
 # Standard fields without an effect here, and the values at which they have none (null too).
 NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -123,6 +123,12 @@ class SamplingFields(BaseModel):
     ess_threshold: Number | None = Field(None, description="smc: resample when ESS < this x particles.")
     alpha_ramp: StrictInt | None = Field(None, description="smc: raise alpha from 1 over this many tokens.")
     ladder: list[Number] | None = Field(None, description="ppt: the replicas' alphas, rising to alpha.")
+    rejuvenate: StrictInt | None = Field(None, description="smc: MH moves per particle after each resampling.")
+    steps_per_token: Number | None = Field(None, description="power, ppt: at least this many MH steps per block "
+                                                             "per token of the sequence.")
+    swap_every: StrictInt | None = Field(None, description="ppt: a swap sweep after every this many MH steps.")
+    ladder_warmup: StrictInt | None = Field(None, description="ppt: MH steps of a discarded pilot that places "
+                                                              "the ladder.")
     # Standard fields ps-local does not implement.
     top_p: Any = neutral_field(NEUTRAL["top_p"])
     frequency_penalty: Any = neutral_field(NEUTRAL["frequency_penalty"])
@@ -205,6 +211,10 @@ class SamplingFields(BaseModel):
             ess_threshold=_given(self.ess_threshold, defaults.ess_threshold),
             smc_ramp=_given(self.alpha_ramp, defaults.smc_ramp),
             ladder=None if self.ladder is None else tuple(self.ladder),
+            smc_rejuvenate=_given(self.rejuvenate, defaults.smc_rejuvenate),
+            steps_per_token=_given(self.steps_per_token, defaults.steps_per_token),
+            swap_every=_given(self.swap_every, defaults.swap_every),
+            ladder_warmup=_given(self.ladder_warmup, defaults.ladder_warmup),
         )
         try:
             settings.validate()

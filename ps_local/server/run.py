@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import UserError
 from ..memory import plan_cache
 from ..session import MAX_SEQUENCES
+from ..settings import DEFAULT_METHOD, DEFAULT_PARTICLES, SamplingSettings
 from .limits import RequestLimits
 
 SERVER_CTX = 4096  # per request (prompt + completion) unless --ctx says otherwise, as llama-server
@@ -38,7 +39,8 @@ def check_extra() -> None:
 
 
 def load_for_serving(model: str, runtime: dict[str, Any]) -> Any:
-    """The model, with a KV cache sized once for ``chains_per_batch`` chains of a full context."""
+    """The model, with a KV cache sized once for ``chains_per_batch`` chains of a full context,
+    and for one default (smc) request over a full context."""
     from ..api import load
 
     loaded = load(model, **runtime)
@@ -55,6 +57,14 @@ def load_for_serving(model: str, runtime: dict[str, Any]) -> Any:
     # proposals hold at most ctx cells; each request's prompt takes a sequence of its own.
     plan = plan_cache(session.kv_shape, 0, ctx, chains, 1 + width, session.options.cache_type)
     plan = replace(plan, slots=min(MAX_SEQUENCES, chains + plan.slots))
+    # Room too for one request of the default method, smc, with its default particles: one
+    # sequence each of up to ctx cells (as many as fit SMC_KV_BUDGET over the whole context; a
+    # shorter answer may have up to DEFAULT_PARTICLES of them).
+    default = session.fit_particles(SamplingSettings(method=DEFAULT_METHOD), ctx)
+    if default.method == "smc":
+        smc = plan_cache(session.kv_shape, 0, ctx, 1, default.particle_count, session.options.cache_type)
+        plan = replace(plan, cells=max(plan.cells, smc.cells),
+                       slots=min(MAX_SEQUENCES, max(plan.slots, 1 + DEFAULT_PARTICLES)))
     session.reserve(plan.cells, plan.slots)
     return loaded, plan
 
