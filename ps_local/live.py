@@ -168,7 +168,7 @@ class LiveView:
             if short:
                 return f"t{p.mh_step}/{p.mh_steps} ESS {p.ess:.0f}/{p.particles}"
             return (f"token {p.mh_step}/{p.mh_steps}, ESS {p.ess:.1f} of {p.particles} particles, "
-                    f"{p.resamples} resamplings")
+                    f"{p.resamples} resampling{'' if p.resamples == 1 else 's'}")
         moved = getattr(p, "moved", None)  # not every Progress carries it
         if short:
             return f"b{p.block}/{p.blocks} s{p.mh_step}/{p.mh_steps} a{p.accepted}/{p.proposals}"

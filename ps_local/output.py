@@ -48,6 +48,11 @@ def sample_json(sample: Sample) -> str:
     return json.dumps(sample_record(sample), ensure_ascii=False)
 
 
+def counted(count: int | None, noun: str) -> str:
+    """``1 resampling``, ``4 resamplings``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def summary_line(sample: Sample) -> str:
     stats = sample.stats
     parts = [f"[sample {stats.chain}] {stats.method}"]
@@ -59,7 +64,8 @@ def summary_line(sample: Sample) -> str:
         parts.append(f"ladder={ladder} B={stats.block_size} N={stats.mcmc_steps}, swaps accepted {swaps}")
     if stats.method == "smc":
         parts.append(f"alpha={stats.alpha:g} particles={stats.particles}, ESS min {stats.ess_min:.1f}, "
-                     f"{stats.resamples} resamplings, {stats.distinct_ancestors} distinct ancestors")
+                     f"{counted(stats.resamples, 'resampling')}, "
+                     f"{counted(stats.distinct_ancestors, 'distinct ancestor')}")
         if stats.rejuvenations is not None:
             parts.append(f"{stats.rejuvenations} rejuvenations of {stats.mcmc_steps} MH moves per particle")
     parts.append(f"{len(sample.tokens)} tokens ({stats.stop_reason})")

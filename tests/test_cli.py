@@ -446,8 +446,8 @@ def test_the_default_method_is_smc(tiny_gguf):
     result = ps_local("generate", str(tiny_gguf), "yes no", "--max-tokens", "8", "--seed", "1", "--threads", "2")
     assert result.returncode == 0, result.stderr
     # The tiny model's KV cells are 256 B: 128 particles of 8 cells are far within the 2 GiB budget.
-    assert re.fullmatch(r"\[sample 0\] smc, alpha=4 particles=128, ESS min \d+\.\d, \d+ resamplings, "
-                        r"\d+ distinct ancestors, \d+ tokens \((eos|length)\), \d+ decoded for \d+ particle tokens, "
+    assert re.fullmatch(r"\[sample 0\] smc, alpha=4 particles=128, ESS min \d+\.\d, \d+ resamplings?, "
+                        r"\d+ distinct ancestors?, \d+ tokens \((eos|length)\), \d+ decoded for \d+ particle tokens, "
                         r"\d+\.\d s, seed 1\n", result.stderr.decode()), result.stderr
     record = json.loads(ps_local("generate", str(tiny_gguf), "yes no", "--max-tokens", "8", "--seed", "1",
                                  "--threads", "2", "--json").stdout)
