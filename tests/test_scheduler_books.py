@@ -69,7 +69,9 @@ def random_settings(rng: random.Random, seed: int) -> tuple[SamplingSettings, in
                                 block_size=rng.randint(1, 4), mcmc_steps=rng.randint(1, 3), seed=seed,
                                 particles=rng.randint(2, 4), ladder=(1.0, 2.0) if method == "ppt" else None)
     if method == "ppt":
-        settings = replace(settings, alpha=2.0)
+        settings = replace(settings, alpha=2.0, swap_every=rng.choice([1, 2]), ladder_warmup=rng.choice([0, 0, 2]))
+    if method == "smc":  # resample-move: a spare slot per particle, swapped with it on every accepted move
+        settings = replace(settings, smc_rejuvenate=rng.choice([0, 1, 2]))
     width = rng.randint(1, 2) if method in ("power", "ppt") else 0
     return settings, rng.randint(1, 3), width
 
