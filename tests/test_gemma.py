@@ -69,7 +69,8 @@ def test_a_q8_0_cache_samples(gemma):
     import sys
 
     result = subprocess.run([sys.executable, "-m", "ps_local.cli", "generate", str(gemma), "The sky is",
-                             "--max-tokens", "6", "--mcmc-steps", "2", "--block-size", "6", "--cache-type", "q8_0",
+                             "--max-tokens", "6", "--method", "power", "--mcmc-steps", "2", "--block-size", "6",
+                             "--cache-type", "q8_0",
                              "--seed", "1", "--json", "--threads", "2"],
                             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
