@@ -20,7 +20,7 @@ from ps_local.default_model import default_model_path
 from ps_local.session import RuntimeOptions, Session
 from ps_local.settings import Sample, SamplingSettings
 
-# The README's first command; keep the two in step.
+# The README's first question, with the paper's MH at B = 32 for power ("What power sampling changes").
 DEMO_PROMPT = "Q: Why is the sky blue? A:"
 DEMO = dict(alpha=4.0, max_tokens=96, block_size=32, mcmc_steps=10)
 DEMO_STOP = ("Q:",)

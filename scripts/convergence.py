@@ -43,12 +43,12 @@ DEFAULT_CONFIGS = ";".join([
     "low-temp",
     "paper", "power:N=40", "power:N=160",
     "power:N=40,tau=0.5", "power:N=160,tau=0.5",
-    "smc:N=16", "smc:N=64", "smc:N=128",
+    "smc:N=16", "smc:N=32", "smc:N=64", "smc:N=128",
     "smc:N=16,K=1", "smc:N=32,K=1",
-    "ppt:N=10", "ppt:N=10,W=10",
+    "ppt:N=10", "ppt:N=10,W=8",
     "default",
 ])
-REFERENCE_CONFIGS = "power:N=1280;smc:N=255"
+REFERENCE_CONFIGS = "power:N=640;smc:N=255"
 KEYS = {"N": None, "tau": ("proposal_temp", float), "B": ("block_size", int), "S": ("steps_per_token", float),
         "K": ("smc_rejuvenate", int), "W": ("ladder_warmup", int), "ess": ("ess_threshold", float),
         "ramp": ("smc_ramp", int)}
@@ -187,31 +187,39 @@ def table(rows: list[Row], reference: Reference | None) -> str:
 
 def plot(groups: dict[tuple[str, int], tuple[list[Row], Reference | None]], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.2 * len(groups), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.2 * len(groups), 5.4), squeeze=False)
+    # One colour per curve across the panels, one legend for the figure.
+    names = sorted({family(row.config) for rows, _ in groups.values() for row in rows if not row.reference})
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colour = {name: palette(number % palette.N) for number, name in enumerate(names)}
+    handles: dict[str, object] = {}
     for axis, ((prompt, length), (rows, reference)) in zip(axes[0], groups.items()):
         curves: dict[str, list[Row]] = {}
         for row in rows:
             if not row.reference:
                 curves.setdefault(family(row.config), []).append(row)
         if reference is not None:
-            axis.axhspan(reference.mean - 1, reference.mean + 1, color="0.9", label="p^α ± 1 nat")
-            axis.axhline(reference.mean, color="0.3", lw=1, ls="--", label=f"p^α (reference) {reference.mean:.1f}")
+            handles["p^α ± 1 nat"] = axis.axhspan(reference.mean - 1, reference.mean + 1, color="0.9")
+            handles["p^α (reference)"] = axis.axhline(reference.mean, color="0.3", lw=1, ls="--")
         for name, members in curves.items():
             members.sort(key=lambda r: r.cost)
             style = dict(marker="*", ms=14, ls="none") if name in ("default", "paper", "low-temp") else dict(marker="o")
-            axis.errorbar([r.cost for r in members], [r.mean for r in members], yerr=[r.stderr for r in members],
-                          capsize=2, label=name, **style)
+            handles[name] = axis.errorbar([r.cost for r in members], [r.mean for r in members],
+                                          yerr=[r.stderr for r in members], capsize=2, color=colour[name], **style)
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 3×10¹ 4×10¹ ... overlap
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         axis.set_xlabel("tokens decoded per sample")
         axis.set_ylabel("mean log p of the samples")
         axis.set_title(f"{prompt[:40]!r}, up to {length} tokens", fontsize=10)
         axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
