@@ -201,6 +201,19 @@ def generate_args(model: Path) -> list[str]:
     return [sys.executable, "-m", "ps_local.cli", *[str(model) if a == "TINY" else a for a in GENERATE]]
 
 
+def recorded(args: list[str], tmp_path: Path) -> tuple[str, str]:
+    """Run a command in a tmux pane: (everything the pane was sent, recorded from before the
+    command starts, since the run lasts about a second; the final screen)."""
+    raw = tmp_path / "pane.raw"
+    terminal = Terminal("sleep 1; " + " ".join(shlex.quote(a) for a in args))
+    try:
+        terminal.tmux("pipe-pane", "-t", "chat", f"cat >> {shlex.quote(str(raw))}")
+        screen = terminal.wait_for_text("EXIT=0", timeout=300)
+    finally:
+        terminal.close()
+    return raw.read_bytes().decode("utf-8", errors="replace"), screen
+
+
 @needs_tmux
 def test_generate_in_a_terminal(tiny_gguf: Path, tmp_path: Path) -> None:
     piped = subprocess.run(generate_args(tiny_gguf), capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -209,15 +222,7 @@ def test_generate_in_a_terminal(tiny_gguf: Path, tmp_path: Path) -> None:
     assert "MH step" not in piped.stdout + piped.stderr and "\x1b" not in piped.stdout + piped.stderr  # ... nothing drawn
     final = piped.stdout.strip().splitlines()[-1]
 
-    # What the pane is sent, recorded from before the command starts (the run lasts under a second).
-    raw = tmp_path / "pane.raw"
-    terminal = Terminal("sleep 1; " + " ".join(shlex.quote(a) for a in generate_args(tiny_gguf)))
-    try:
-        terminal.tmux("pipe-pane", "-t", "chat", f"cat >> {shlex.quote(str(raw))}")
-        screen = terminal.wait_for_text("EXIT=0", timeout=300)
-    finally:
-        terminal.close()
-    sent = raw.read_bytes().decode("utf-8", errors="replace")
+    sent, screen = recorded(generate_args(tiny_gguf), tmp_path)
     assert re.search(r"block \d/4, MH step \d+/2000, accepted \d+/\d+ \| \d+ tok decoded", sent), sent[:2000]
     assert "\x1b[2m" in sent and "\x1b[1A\x1b[K" in sent  # the dim text, redrawn in place
     assert final in screen and "[sample 0] power" in screen
@@ -245,14 +250,7 @@ def test_default_smc_in_a_terminal(tiny_gguf: Path, tmp_path: Path) -> None:
     and the resamplings so far; erased before the answer and the summary are printed."""
     args = [sys.executable, "-m", "ps_local.cli", "generate", str(tiny_gguf), "yes", "--max-tokens", "200",
             "--seed", "1", "--threads", "1"]
-    raw = tmp_path / "pane.raw"
-    terminal = Terminal("sleep 1; " + " ".join(shlex.quote(a) for a in args))
-    try:
-        terminal.tmux("pipe-pane", "-t", "chat", f"cat >> {shlex.quote(str(raw))}")
-        screen = terminal.wait_for_text("EXIT=0", timeout=300)
-    finally:
-        terminal.close()
-    sent = raw.read_bytes().decode("utf-8", errors="replace")
+    sent, screen = recorded(args, tmp_path)
     assert "sampling (smc)" in sent
     status = r"token \d+/200, ESS \d+\.\d of 128 particles, \d+ resamplings? \| \d+ tok decoded"
     assert re.search(status, sent), sent[:2000]
