@@ -215,7 +215,8 @@ def cli() -> None:
 @click.argument("model")
 @click.argument("prompt", required=False)
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-              help="power: MH on p^alpha; smc: Power-SMC; ppt: parallel power tempering; "
+              help="smc: Power-SMC (nearest p^alpha per token decoded); power: the paper's MH on p^alpha; "
+                   "ppt: parallel power tempering; "
                    "baselines: low-temp (T=1/alpha), standard (T=1), greedy.")
 @sampling_options
 @chat_options

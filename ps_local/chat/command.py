@@ -22,7 +22,8 @@ def chat_command() -> click.Command:
     @click.command("chat")
     @click.argument("model")
     @click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-                  help="power: MH on p^alpha; smc: Power-SMC; ppt: parallel power tempering; "
+                  help="smc: Power-SMC (nearest p^alpha per token decoded); power: the paper's MH on p^alpha; "
+                       "ppt: parallel power tempering; "
                        "baselines: low-temp (T=1/alpha), standard (T=1), greedy.")
     @sampling_options
     @click.option("--system", default=None, help="System message (in the plain transcript: its first paragraph).")
