@@ -129,7 +129,7 @@ class Session:
         fitted = default_particles(settings, max_tokens, bytes_per_cell)
         if settings.particles is not None or fitted.method != "smc":
             return fitted
-        per_particle = 2 if settings.smc_rejuvenate else 1  # a spare sequence each for its MH moves
+        per_particle = settings.sequences_per_particle
         room = [fitted.particle_count] + ([most] if most is not None else [])
         if self._fixed and self._scheduler is not None:
             room.append((self._scheduler.slots - 1) // per_particle)  # slot 0 is the prompt's

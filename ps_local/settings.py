@@ -163,6 +163,11 @@ class SamplingSettings:
                              f"got {_rungs(ladder)}")
 
     @property
+    def sequences_per_particle(self) -> int:
+        """KV sequences one SMC particle takes: its own, and with rejuvenation a spare for its MH moves."""
+        return 2 if self.smc_rejuvenate else 1
+
+    @property
     def particle_count(self) -> int:
         """SMC particles: ``particles``, or DEFAULT_PARTICLES where a session has not fitted them
         to the model's memory yet (``default_particles``)."""
@@ -226,7 +231,7 @@ def default_particles(settings: SamplingSettings, max_tokens: int, bytes_per_cel
         return settings
     count = settings.particle_count
     if bytes_per_cell:
-        fit = SMC_KV_BUDGET // (max(1, max_tokens) * bytes_per_cell * (2 if settings.smc_rejuvenate else 1))
+        fit = SMC_KV_BUDGET // (max(1, max_tokens) * bytes_per_cell * settings.sequences_per_particle)
         count = max(MIN_DEFAULT_PARTICLES, min(count, fit))
     return replace(settings, particles=count)
 

@@ -31,7 +31,7 @@ def slots_per_chain(settings: SamplingSettings, max_round_width: int) -> int:
     """Engine slots one run uses: a chain's sequence plus one per proposal in a round (for each
     PPT replica); one per SMC particle, two with rejuvenation (a spare for its MH moves)."""
     if settings.method == "smc":
-        return settings.particle_count * (2 if settings.smc_rejuvenate > 0 else 1)
+        return settings.particle_count * settings.sequences_per_particle
     if settings.method == "ppt":
         return len(settings.power_ladder) * (1 + max_round_width)
     return 1 + max_round_width if settings.steps_per_block else 1

@@ -244,7 +244,7 @@ def create_app(model: Model, model_id: str, *, api_key: str | None = None, max_q
                     yield reply.chunk(index, {"role": "assistant", "content": ""}, None)
             while not job.done.is_set() and worker.failure is None:
                 await asyncio.sleep(POLL_S)
-                for status in feed.due():  # a power sample's progress, as comments OpenAI clients skip
+                for status in feed.due():  # a sample of p^alpha's progress, as comments OpenAI clients skip
                     yield ServerSentEvent(comment=f"ps-local progress {json.dumps(status)}", sep="\n")
                 while not events.empty():
                     index, delta = events.get()

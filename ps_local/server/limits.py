@@ -58,8 +58,7 @@ def most_particles(settings: SamplingSettings, tokens: int, limits: RequestLimit
     """The most SMC particles a request of up to ``tokens`` tokens may have within
     max_particle_tokens (each takes two sequences with rejuvenate): a request that names no
     ``particles`` gets no more than this, rather than a refusal for a field it did not send."""
-    sequences = 2 if settings.smc_rejuvenate else 1
-    return max(1, limits.max_particle_tokens // (sequences * max(1, tokens)))
+    return max(1, limits.max_particle_tokens // (settings.sequences_per_particle * max(1, tokens)))
 
 
 def check_limits(settings: SamplingSettings, n: int, limits: RequestLimits, ctx: int) -> Refusal | None:
@@ -77,7 +76,7 @@ def check_limits(settings: SamplingSettings, n: int, limits: RequestLimits, ctx:
         return Refusal("steps_per_token", f"steps_per_token x block length ({settings.steps_per_token:g} x "
                                           f"{min(settings.block_size, tokens)}) must be at most "
                                           f"{limits.max_mcmc_steps} MH steps per block on this server")
-    sequences = settings.particle_count * (2 if settings.smc_rejuvenate else 1)  # a spare each for its moves
+    sequences = settings.particle_count * settings.sequences_per_particle
     if settings.method == "smc" and sequences * tokens > limits.max_particle_tokens:
         doubled = "; twice the particles with rejuvenate" if settings.smc_rejuvenate else ""
         return Refusal("particles", f"particles x max_tokens ({sequences} x {tokens}{doubled}) must be at most "
